@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -24,7 +26,6 @@ class PathsConfig:
     base_models: str = MISSING
     adapted_models: str = MISSING
     checkpoints: str = MISSING
-    output_dir: str = MISSING
 
 
 @dataclass
@@ -83,7 +84,7 @@ class EvaluationConfig:
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[Any] = field(default_factory=list)  # strings, or mappings {prompt: ..., **extra}
     prompts_file: Optional[str] = None  # .txt (one prompt a line) or .jsonl ({"prompt": ...})
     system_prompt: Optional[str] = None
     chat_template: Optional[bool] = None  # None: the model config decides
@@ -183,10 +184,17 @@ class MainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
-    run_name: str = MISSING
+    run_name: Optional[str] = None  # null: <task>-<objective>-<date>-<time>[-<job>]
     resume: Optional[str] = None  # null | auto | <checkpoint path>
+    optimize_metric: str = "eval_after/score_mean"  # what train.py returns to a sweeper (maximised)
+
+
+def repo_root() -> str:
+    return str(Path(__file__).resolve().parents[1])
 
 
 def register_configs() -> None:
-    """Register the schema; idempotent, called by every entry point before Hydra composes."""
+    """Register the schema and resolvers; idempotent, called by every entry point before composing."""
     ConfigStore.instance().store(name="gf_odg_schema", node=MainConfig)
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", repo_root)

@@ -11,9 +11,18 @@ import torch
 from gf_odg.errors import ConfigError
 
 
-def load_prompts(task_cfg, root: str | None = None) -> list[str]:
-    """Inline `task.prompts`, or a `.txt` (one a line) / `.jsonl` (`{"prompt": ...}`) `task.prompts_file`."""
-    prompts = list(task_cfg.prompts or [])
+def load_prompts(task_cfg, root: str | None = None) -> list[dict]:
+    """Prompt records `{"prompt": str, **extra}` from inline `task.prompts` (strings or mappings) and a
+    `.txt` (one prompt a line) or `.jsonl` (`{"prompt": ..., **extra}`) `task.prompts_file`.
+    Extra fields (e.g. `concepts`) reach the reward as per-completion keyword arguments."""
+    prompts = []
+    for number, entry in enumerate(task_cfg.prompts or []):
+        if isinstance(entry, str):
+            prompts.append({"prompt": entry})
+        elif hasattr(entry, "keys") and "prompt" in entry:
+            prompts.append({str(k): (v if isinstance(v, (str, int, float)) else list(v)) for k, v in entry.items()})
+        else:
+            raise ConfigError(f"task.prompts[{number}] must be a string or a mapping with a 'prompt' key.")
     if task_cfg.prompts_file:
         path = Path(task_cfg.prompts_file)
         if not path.is_absolute() and root is not None and not path.exists():
@@ -26,15 +35,17 @@ def load_prompts(task_cfg, root: str | None = None) -> list[str]:
                 if not line.strip():
                     continue
                 try:
-                    prompts.append(str(json.loads(line)["prompt"]))
+                    record = json.loads(line)
+                    record["prompt"] = str(record["prompt"])
+                    prompts.append(record)
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise ConfigError(
                         f"task.prompts_file={str(path)!r} line {number}: expected a JSON object with a "
                         f"'prompt' key ({type(err).__name__})."
                     ) from None
         else:
-            prompts.extend(line.strip() for line in text.splitlines() if line.strip())
-    prompts = [p for p in prompts if p.strip()]
+            prompts.extend({"prompt": line.strip()} for line in text.splitlines() if line.strip())
+    prompts = [p for p in prompts if p["prompt"].strip()]
     if not prompts:
         where = f"task.prompts_file={task_cfg.prompts_file!r}" if task_cfg.prompts_file else "task.prompts"
         raise ConfigError(f"{where}: no prompts; give at least one non-empty prompt.")

@@ -13,10 +13,11 @@ with one temperature T per sample. The loss never uses q: it rescores under the 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.version import Version
 
 from gf_odg.constraints import ConstraintSet
 from gf_odg.prompts import PromptBatch
@@ -42,16 +43,17 @@ def decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings(), base.config
 
 
+_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
+
+
 def run_decoder(decoder, cache=None, **kwargs):
     """Call the transformer body with a KV cache, under either name transformers has used for it.
 
     transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); 5.0-5.23 know only
     the old one. Returns (last hidden state, cache).
     """
-    params = inspect.signature(decoder.forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
     if cache is not None:
-        kwargs[name] = cache
+        kwargs[_CACHE_KWARG] = cache
     out = decoder(**kwargs)
     new_cache = getattr(out, "cache", None)
     if new_cache is None:

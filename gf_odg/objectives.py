@@ -1,0 +1,175 @@
+"""Training objectives: one signature, `objective(batch) -> (loss, diagnostics)`.
+
+Notation (DESIGN.md sec. 1): x a prompt, y = (y_1 .. y_T, EOS) a completion, log P_F(y|x) the sum
+of masked token log-probabilities of the training policy at temperature 1, log R(x, y) the floored
+log-reward. Every objective below except RLOO is satisfied exactly when P_F(y|x) ∝ R(x, y), and
+all of them are off-policy: `batch` may come from any behaviour policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gf_odg.errors import ConfigError
+
+
+@dataclass
+class ObjectiveBatch:
+    log_pf: torch.Tensor  # [N] log P_F(y|x), grad
+    log_reward: torch.Tensor  # [N] log R(x, y), floored, no grad
+    score: torch.Tensor  # [N] raw reward score (RLOO maximises it)
+    group: torch.Tensor  # [N] prompt index; the samples of one prompt share it
+    log_z: Optional[torch.Tensor] = None  # [N] log Z(x) of each sample's prompt (TB)
+    log_ref: Optional[torch.Tensor] = None  # [N] log p_ref(y|x) (RLOO's KL)
+    # Modified SubTB: per state s_t (t = 0..T-1, the prefix y_<t)
+    log_pf_tokens: Optional[torch.Tensor] = None  # [N, T] log P_F(y_t | s_t), 0 past the end
+    log_pf_stop: Optional[torch.Tensor] = None  # [N, T] log P_F(EOS | s_t), -inf where EOS is masked
+    prefix_log_reward: Optional[torch.Tensor] = None  # [N, T] log R(s_t ⊤)
+    lengths: Optional[torch.Tensor] = None  # [N] tokens incl. EOS
+
+
+def _group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over each sample's group, broadcast back: [N] -> [N]."""
+    n_groups = int(group.max()) + 1
+    sums = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(0, group, values)
+    counts = torch.zeros(n_groups, dtype=values.dtype, device=values.device).index_add(
+        0, group, torch.ones_like(values))
+    return (sums / counts)[group]
+
+
+class TrajectoryBalance:
+    """TB (Malkin et al. 2022):  L = mean_i (log Z(x_i) + log P_F(y_i|x_i) - log R(x_i, y_i))^2."""
+
+    name = "tb"
+    needs_log_z = True
+
+    def __call__(self, batch: ObjectiveBatch):
+        residual = batch.log_z + batch.log_pf - batch.log_reward  # [N]
+        return residual.pow(2).mean(), {"residual": residual.detach()}
+
+
+class VarGrad:
+    """Log-partition variance (Richter et al. 2020; Zhang et al. 2023): for the K samples of a prompt,
+        zeta = mean_k (log R_k - log P_F,k),   L = mean_k (log P_F,k + zeta - log R_k)^2,
+    the variance of log P_F - log R within the prompt; needs no log Z and K >= 2."""
+
+    name = "vargrad"
+    needs_log_z = False
+
+    def __call__(self, batch: ObjectiveBatch):
+        diff = batch.log_reward - batch.log_pf  # [N]
+        zeta = _group_mean(diff, batch.group)
+        residual = -diff + zeta
+        return residual.pow(2).mean(), {"residual": residual.detach(), "log_z_estimate": zeta.detach()}
+
+
+class ModifiedSubTB:
+    """Modified SubTB (Hu et al. 2024, eq. 5): every prefix s_t may terminate with reward R(s_t ⊤).
+    With  delta_t = log R(s_t⊤) + log P_F(y_t|s_t) + log P_F(⊤|s_{t+1}) - log R(s_{t+1}⊤) - log P_F(⊤|s_t)
+    the loss is  sum_{i<j} lambda^(j-i) (sum_{t=i}^{j-1} delta_t)^2 / sum_{i<j} lambda^(j-i).
+    The inner sum telescopes to phi_i - phi_j with
+        phi_t = log R(s_t⊤) - log P_F(⊤|s_t) - sum_{u<t} log P_F(y_u|s_u),
+    so only states that may terminate (EOS allowed, finite reward) enter a pair."""
+
+    name = "subtb"
+    needs_log_z = False
+
+    def __init__(self, subtb_lambda: float = 1.0):
+        self.subtb_lambda = subtb_lambda
+
+    def __call__(self, batch: ObjectiveBatch):
+        n, width = batch.log_pf_tokens.shape
+        before = torch.cumsum(batch.log_pf_tokens, dim=1) - batch.log_pf_tokens  # [N, T] sum_{u<t}
+        phi = batch.prefix_log_reward - batch.log_pf_stop - before  # [N, T]
+        t = torch.arange(width, device=phi.device)
+        usable = (t.unsqueeze(0) < batch.lengths.unsqueeze(1)) & torch.isfinite(batch.log_pf_stop) \
+            & torch.isfinite(batch.prefix_log_reward)
+        phi = torch.where(usable, phi, torch.zeros_like(phi))
+        diff = phi.unsqueeze(2) - phi.unsqueeze(1)  # [N, i, j]
+        span = (t.unsqueeze(0) - t.unsqueeze(1)).to(phi.dtype)  # [i, j] = j - i
+        pair = usable.unsqueeze(2) & usable.unsqueeze(1) & (span > 0).unsqueeze(0)
+        weight = torch.where(pair, self.subtb_lambda ** span.clamp(min=0).unsqueeze(0), torch.zeros_like(diff))
+        per_sample = (weight * diff.pow(2)).sum(dim=(1, 2)) / weight.sum(dim=(1, 2)).clamp(min=1e-12)
+        full = batch.log_pf - batch.log_reward  # the whole-trajectory log-ratio, for diagnostics
+        return per_sample.mean(), {"residual": (full - _group_mean(full, batch.group)).detach()}
+
+
+class RLOO:
+    """REINFORCE with a leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024), maximising
+        r_k = score_k - kl_coef * (log P_F,k - log p_ref,k)
+    with  A_k = r_k - mean_{j != k} r_j  over the K samples of a prompt,  L = -mean_k A_k log P_F,k.
+    The reward-maximising baseline: its optimum concentrates on the best completions."""
+
+    name = "rloo"
+    needs_log_z = False
+
+    def __init__(self, kl_coef: float = 0.0):
+        self.kl_coef = kl_coef
+
+    def __call__(self, batch: ObjectiveBatch):
+        reward = batch.score.clone()
+        reward = torch.where(torch.isfinite(reward), reward, batch.log_reward)  # a violation scores the floor
+        if self.kl_coef and batch.log_ref is not None:
+            reward = reward - self.kl_coef * (batch.log_pf.detach() - batch.log_ref)
+        n_groups = int(batch.group.max()) + 1
+        ones = torch.ones_like(reward)
+        counts = torch.zeros(n_groups, device=reward.device).index_add(0, batch.group, ones)[batch.group]
+        sums = torch.zeros(n_groups, device=reward.device).index_add(0, batch.group, reward)[batch.group]
+        if bool((counts < 2).any()):
+            raise ConfigError("objective=rloo needs trainer.samples_per_prompt >= 2 (a leave-one-out baseline).")
+        advantage = reward - (sums - reward) / (counts - 1)
+        loss = -(advantage.detach() * batch.log_pf).mean()
+        return loss, {"residual": advantage.detach()}
+
+
+class ScalarLogZ(nn.Module):
+    """log Z as one learned scalar, shared by all prompts."""
+
+    def __init__(self, init: float = 0.0):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:  # [P, H] -> [P]
+        return self.value.expand(prompt_features.shape[0])
+
+
+class ConditionedLogZ(nn.Module):
+    """Prompt-conditioned log Z(x): a small MLP on the frozen (adapters off), mean-pooled prompt
+    representation, so one policy serves prompts whose partition functions differ."""
+
+    def __init__(self, hidden_size: int, width: int = 64, init: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width), nn.GELU(),
+                                 nn.Linear(width, 1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, float(init))
+
+    def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:
+        return self.net(prompt_features.float()).squeeze(-1)
+
+
+def build_objective(cfg):
+    name = cfg.name
+    if name == "tb":
+        return TrajectoryBalance()
+    if name == "vargrad":
+        return VarGrad()
+    if name == "subtb":
+        return ModifiedSubTB(cfg.subtb_lambda)
+    if name == "rloo":
+        return RLOO(cfg.kl_coef)
+    raise ConfigError(f"objective.name={name!r} is not one of tb, vargrad, subtb, rloo.")
+
+
+def build_log_z(cfg, hidden_size: int) -> Optional[nn.Module]:
+    if cfg.name != "tb":
+        return None
+    if cfg.log_z == "scalar":
+        return ScalarLogZ(cfg.log_z_init)
+    if cfg.log_z == "conditioned":
+        return ConditionedLogZ(hidden_size, cfg.log_z_hidden, cfg.log_z_init)
+    raise ConfigError(f"objective.log_z={cfg.log_z!r} is not one of scalar, conditioned.")

@@ -1,0 +1,321 @@
+"""A prioritised, deduplicated replay buffer of past trajectories, for off-policy training.
+
+An entry is one trajectory (prompt, completion tokens with EOS, text) with its *raw* reward score.
+Priorities are computed at sampling time from `log_reward_fn(scores)`, so when beta changes the
+buffer re-tempers itself without touching what it stores.
+
+Scope: with `scope="prompt"` each prompt has its own pool of `capacity` entries (Hu et al. 2024 keep
+a per-prompt top-k); with `scope="global"` all prompts share one pool of `capacity` (Lee et al.).
+Either way `sample(prompt)` draws only that prompt's entries and `sample(None)` draws from all.
+
+Deduplication is always between entries of the same prompt:
+  - exact: an identical token sequence never enters twice; a higher score raises the stored one.
+  - edit: texts at normalised Levenshtein distance d(a, b) / max(|a|, |b|) <= threshold are
+    near-duplicates; embedding: cosine(embed(a), embed(b)) >= 1 - threshold.
+    A newcomer better than all its near-duplicates replaces them; otherwise it is rejected.
+Exact dedup applies in every mode.
+
+Eviction: when a pool is full, the entry with the lowest score goes, the oldest first among equal
+scores; a newcomer scoring below every stored entry is rejected instead. A full pool of equal scores
+is therefore FIFO. Age is insertion order; raising a duplicate's score does not make it younger.
+
+Sampling is with replacement, with probabilities over the N candidate entries:
+  uniform:  p_i = 1 / N
+  rank:     p_i ∝ 1 / (k N + rank_i), rank 0 = highest log-reward, k = RANK_K (Tripp et al. 2020,
+            weighted retraining); ties in log-reward are ranked oldest first.
+  softmax:  p_i ∝ exp(log_reward_i / priority_temperature)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gf_odg.errors import ConfigError
+
+RANK_K = 1e-2
+SCOPES = ("prompt", "global")
+PRIORITIES = ("uniform", "rank", "softmax")
+DEDUPS = ("exact", "edit", "embedding")
+STATE_VERSION = 1
+
+LogRewardFn = Callable[[torch.Tensor], torch.Tensor]  # scores [N] -> log-rewards [N]
+EmbedFn = Callable[[list[str]], torch.Tensor]  # texts -> [N, D]
+
+
+@dataclass(frozen=True)
+class ReplayEntry:
+    prompt: str
+    tokens: tuple[int, ...]  # completion token ids, EOS included
+    text: str
+    score: float  # raw reward score, not tempered
+    extra: Optional[dict] = None
+
+
+def edit_distances(query: str, candidates: Sequence[str]) -> torch.Tensor:
+    """Levenshtein distance from `query` to each candidate: [M] int64.
+
+    One DP row per query character, vectorised over candidates and columns. Within a row
+    D[i, j] = min(E[j], D[i, j-1] + 1) with E[j] = min(D[i-1, j-1] + [a_i != b_j], D[i-1, j] + 1),
+    which unrolls to D[i, j] = j + cummin_{j' <= j}(E[j'] - j'). Right padding never reaches
+    column len(b), so each candidate reads its distance there.
+    """
+    lengths = torch.tensor([len(c) for c in candidates], dtype=torch.long)  # [M]
+    width = int(lengths.max()) if len(candidates) else 0
+    if width == 0:
+        return lengths + len(query)
+    chars = torch.tensor([[ord(ch) for ch in c] + [-1] * (width - len(c)) for c in candidates])  # [M, W]
+    cols = torch.arange(width + 1)
+    row = cols.repeat(len(candidates), 1)  # [M, W + 1], D[0, j] = j
+    for i, ch in enumerate(query, start=1):
+        best = torch.empty_like(row)
+        best[:, 0] = i
+        best[:, 1:] = torch.minimum(row[:, :-1] + (chars != ord(ch)), row[:, 1:] + 1)
+        row = torch.cummin(best - cols, dim=1).values + cols
+    return row.gather(1, lengths[:, None]).squeeze(1)
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"exploration.replay.{key}={value!r} is not one of {', '.join(allowed)}.")
+    return value
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, scope: str = "prompt", priority: str = "uniform",
+                 priority_temperature: float = 1.0, dedup: str = "exact", dedup_threshold: float = 0.1,
+                 embed_fn: Optional[EmbedFn] = None, min_score: Optional[float] = None,
+                 min_log_reward: Optional[float] = None):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigError(f"exploration.replay.capacity={capacity!r} must be an integer >= 1.")
+        if not (priority_temperature > 0 and math.isfinite(priority_temperature)):
+            raise ConfigError(
+                f"exploration.replay.priority_temperature={priority_temperature!r} must be a finite number > 0."
+            )
+        if not 0 <= dedup_threshold <= 1:
+            raise ConfigError(f"exploration.replay.dedup_threshold={dedup_threshold!r} must be in [0, 1].")
+        self.capacity = capacity
+        self.scope = _choice("scope", scope, SCOPES)
+        self.priority = _choice("priority", priority, PRIORITIES)
+        self.dedup = _choice("dedup", dedup, DEDUPS)
+        if self.dedup == "embedding" and embed_fn is None:
+            raise ConfigError("exploration.replay.dedup=embedding needs an embedding model; none was given.")
+        self.priority_temperature = float(priority_temperature)
+        self.dedup_threshold = float(dedup_threshold)
+        self.embed_fn = embed_fn
+        self.min_score = min_score
+        self.min_log_reward = min_log_reward
+        # pool key (the prompt, or None for the global pool) -> {(prompt, tokens): entry}, oldest first
+        self._pools: dict[Optional[str], dict[tuple[str, tuple[int, ...]], ReplayEntry]] = {}
+        self._embeddings: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}  # cache, rebuilt on demand
+
+    @classmethod
+    def from_config(cls, cfg: Any, embed_fn: Optional[EmbedFn] = None) -> "ReplayBuffer":
+        """Build from an `exploration.replay` config node (`ReplayConfig`)."""
+        return cls(capacity=cfg.capacity, scope=cfg.scope, priority=cfg.priority,
+                   priority_temperature=cfg.priority_temperature, dedup=cfg.dedup,
+                   dedup_threshold=cfg.dedup_threshold, embed_fn=embed_fn, min_log_reward=cfg.min_log_reward)
+
+    # ---- size -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(len(pool) for pool in self._pools.values())
+
+    def size(self, prompt: Optional[str] = None) -> int:
+        return len(self) if prompt is None else len(self.entries(prompt))
+
+    def entries(self, prompt: Optional[str] = None) -> list[ReplayEntry]:
+        """The entries `sample(prompt)` draws from, in a fixed order (pool, then age)."""
+        if prompt is None:
+            return [entry for pool in self._pools.values() for entry in pool.values()]
+        if self.scope == "prompt":
+            return list(self._pools.get(prompt, {}).values())
+        return [entry for entry in self._pools.get(None, {}).values() if entry.prompt == prompt]
+
+    # ---- adding -----------------------------------------------------------------------------
+
+    def add(self, prompt: str, tokens: Sequence[int], text: str, score: float, extra: Optional[dict] = None,
+            log_reward_fn: Optional[LogRewardFn] = None) -> bool:
+        """Offer one trajectory; True if it entered the buffer (a raised duplicate score is not entering).
+
+        `log_reward_fn` is needed only when the buffer has a `min_log_reward`.
+        """
+        return self.add_batch([prompt], [tokens], [text], [score], None if extra is None else [extra],
+                              log_reward_fn)[0]
+
+    def add_batch(self, prompts: Sequence[str], tokens: Sequence[Sequence[int]], texts: Sequence[str],
+                  scores: Sequence[float], extras: Optional[Sequence[Optional[dict]]] = None,
+                  log_reward_fn: Optional[LogRewardFn] = None) -> list[bool]:
+        """Offer trajectories in order, as repeated `add`; embeds all texts in one call."""
+        scores = [float(s) for s in scores]
+        if any(math.isnan(s) or s == math.inf for s in scores):
+            raise ValueError(f"replay: scores must be finite or -inf, got {scores}.")
+        extras = list(extras) if extras is not None else [None] * len(scores)
+        keep = [s > -math.inf and (self.min_score is None or s >= self.min_score) for s in scores]
+        if self.min_log_reward is not None and scores:
+            if log_reward_fn is None:
+                raise ValueError("replay: this buffer has a min_log_reward, so add() needs log_reward_fn.")
+            log_rewards = self._log_rewards(scores, log_reward_fn)
+            keep = [k and lr >= self.min_log_reward for k, lr in zip(keep, log_rewards.tolist())]
+        embeddings = [None] * len(scores)
+        if self.dedup == "embedding" and any(keep):
+            todo = [i for i, k in enumerate(keep) if k]
+            for i, e in zip(todo, self._embed([texts[i] for i in todo])):
+                embeddings[i] = e
+        return [k and self._add(ReplayEntry(p, self._as_tuple(t), x, s, e), emb)
+                for k, p, t, x, s, e, emb in zip(keep, prompts, tokens, texts, scores, extras, embeddings)]
+
+    @staticmethod
+    def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        return tuple(int(t) for t in tokens)
+
+    def _add(self, new: ReplayEntry, embedding: Optional[torch.Tensor]) -> bool:
+        pool = self._pools.setdefault(new.prompt if self.scope == "prompt" else None, {})
+        key = (new.prompt, new.tokens)
+        old = pool.get(key)
+        if old is not None:
+            if new.score > old.score:  # same key keeps its place (its age) in the dict
+                pool[key] = replace(old, score=new.score, extra=old.extra if new.extra is None else new.extra)
+            return False
+        if self.dedup != "exact":
+            near = self._near_duplicates(pool, new, embedding)
+            if any(pool[k].score >= new.score for k in near):
+                return False
+            for k in near:
+                self._remove(pool, k)
+        if len(pool) >= self.capacity:
+            lowest = min(pool, key=lambda k: pool[k].score)  # min keeps the first, i.e. oldest, of ties
+            if new.score < pool[lowest].score:
+                return False
+            self._remove(pool, lowest)
+        pool[key] = new
+        if embedding is not None:
+            self._embeddings[key] = embedding
+        return True
+
+    def _remove(self, pool: dict, key: tuple[str, tuple[int, ...]]) -> None:
+        del pool[key]
+        self._embeddings.pop(key, None)
+
+    def _near_duplicates(self, pool: dict, new: ReplayEntry, embedding: Optional[torch.Tensor]) -> list:
+        keys = [k for k in pool if k[0] == new.prompt]
+        if not keys:
+            return []
+        if self.dedup == "edit":
+            lengths = torch.tensor([len(pool[k].text) for k in keys])
+            longest = torch.clamp(lengths, min=len(new.text))
+            close = (lengths - len(new.text)).abs() <= self.dedup_threshold * longest  # d >= length gap
+            keys = [k for k, c in zip(keys, close.tolist()) if c]
+            if not keys:
+                return []
+            longest = longest[close]
+            distance = edit_distances(new.text, [pool[k].text for k in keys]).double()
+            normalised = torch.where(longest > 0, distance / longest.clamp(min=1), torch.zeros_like(distance))
+            return [k for k, n in zip(keys, normalised.tolist()) if n <= self.dedup_threshold]
+        if embedding is None:
+            embedding = self._embed([new.text])[0]
+        missing = [k for k in keys if k not in self._embeddings]  # e.g. after load_state_dict
+        if missing:
+            self._embeddings.update(zip(missing, self._embed([pool[k].text for k in missing])))
+        cosine = torch.stack([self._embeddings[k] for k in keys]) @ embedding  # [M]
+        return [k for k, c in zip(keys, cosine.tolist()) if c >= 1 - self.dedup_threshold]
+
+    def _embed(self, texts: list[str]) -> list[torch.Tensor]:
+        vectors = self.embed_fn(texts)
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != len(texts):
+            raise ValueError(f"replay: embed_fn must return a [{len(texts)}, D] tensor, got "
+                             f"{getattr(vectors, 'shape', type(vectors))}.")
+        return list(F.normalize(vectors.detach().float().cpu(), dim=-1))
+
+    # ---- sampling ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _log_rewards(scores: Sequence[float], log_reward_fn: LogRewardFn) -> torch.Tensor:
+        log_rewards = log_reward_fn(torch.tensor(scores, dtype=torch.float64))
+        log_rewards = torch.as_tensor(log_rewards).detach().double().cpu().reshape(-1)
+        if log_rewards.numel() != len(scores) or torch.isnan(log_rewards).any():
+            raise ValueError(f"replay: log_reward_fn must map {len(scores)} scores to as many log-rewards, no NaN.")
+        return log_rewards  # [N]
+
+    def _probabilities(self, entries: list[ReplayEntry], log_reward_fn: Optional[LogRewardFn]) -> torch.Tensor:
+        n = len(entries)
+        if self.priority == "uniform":
+            return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        if log_reward_fn is None:
+            raise ValueError(f"replay: priority={self.priority} needs a log_reward_fn.")
+        log_rewards = self._log_rewards([e.score for e in entries], log_reward_fn)  # [N]
+        if self.priority == "rank":
+            order = torch.sort(log_rewards, descending=True, stable=True).indices
+            rank = torch.empty(n, dtype=torch.float64)
+            rank[order] = torch.arange(n, dtype=torch.float64)
+            weights = 1.0 / (RANK_K * n + rank)
+            return weights / weights.sum()
+        if log_rewards.max() == -math.inf:  # nothing to prefer
+            return torch.full((n,), 1.0 / n, dtype=torch.float64)
+        return torch.softmax(log_rewards / self.priority_temperature, dim=0)
+
+    def probabilities(self, prompt: Optional[str] = None,
+                      log_reward_fn: Optional[LogRewardFn] = None) -> torch.Tensor:
+        """Sampling probabilities [N] over `entries(prompt)`, in that order."""
+        entries = self.entries(prompt)
+        return self._probabilities(entries, log_reward_fn) if entries else torch.zeros(0, dtype=torch.float64)
+
+    def sample(self, prompt: Optional[str], n: int, generator: torch.Generator,
+               log_reward_fn: Optional[LogRewardFn] = None) -> list[ReplayEntry]:
+        """n entries for `prompt` (None: any prompt), drawn with replacement; [] if there are none.
+
+        `generator` must be a CPU generator; `log_reward_fn` is needed unless priority is uniform.
+        """
+        entries = self.entries(prompt)
+        if not entries or n <= 0:
+            return []
+        probs = self._probabilities(entries, log_reward_fn)
+        picks = torch.multinomial(probs, n, replacement=True, generator=generator)
+        return [entries[i] for i in picks.tolist()]
+
+    def stats(self, log_reward_fn: LogRewardFn, prompt: Optional[str] = None) -> dict[str, float]:
+        """size and distinct prompts; mean and max log-reward only when the buffer is not empty."""
+        entries = self.entries(prompt)
+        out = {"size": len(entries), "prompts": len({e.prompt for e in entries})}
+        if entries:
+            log_rewards = self._log_rewards([e.score for e in entries], log_reward_fn)
+            out["mean_log_reward"] = float(log_rewards.mean())
+            out["max_log_reward"] = float(log_rewards.max())
+        return out
+
+    # ---- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain Python types only, loadable with `torch.load(..., weights_only=True)`.
+
+        `extra` dicts are stored as given; keep them to plain types too.
+        """
+        return {
+            "version": STATE_VERSION,
+            "entries": [{"prompt": e.prompt, "tokens": list(e.tokens), "text": e.text, "score": e.score,
+                         "extra": e.extra} for e in self.entries()],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the contents with a saved buffer's, in its order.
+
+        Entries are restored without dedup or score filters; if this buffer's capacity is smaller than
+        the saved one's, pools are trimmed by the eviction rule (lowest score, oldest first).
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"replay: unknown state version {state.get('version')!r}, expected {STATE_VERSION}.")
+        self._pools, self._embeddings = {}, {}
+        for item in state["entries"]:
+            entry = ReplayEntry(item["prompt"], tuple(item["tokens"]), item["text"], float(item["score"]),
+                                item.get("extra"))
+            self._pools.setdefault(entry.prompt if self.scope == "prompt" else None, {})[
+                (entry.prompt, entry.tokens)] = entry
+        for pool in self._pools.values():
+            while len(pool) > self.capacity:
+                self._remove(pool, min(pool, key=lambda k: pool[k].score))

@@ -1,0 +1,542 @@
+"""The training loop (DESIGN.md sec. 3), one phase a screen:
+
+    prompts -> sampler (no grad, KV cache, constraint mask, exploration) -> trajectories
+    trajectories -> reward -> score -> log R  (beta, lambda * log p_ref, floor)
+    trajectories -> policy scoring (grad, teacher forcing, same mask) -> log P_F
+    log P_F, log R, log Z -> objective -> loss -> backward -> optimiser (LoRA group, log Z group)
+    -> metrics (W&B + metrics.jsonl) -> replay buffer -> checkpoint (every N steps, atomic)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from gf_odg import checkpoints, exploration
+from gf_odg.errors import CheckpointError, ConfigError, GFODGError
+from gf_odg.evaluation import evaluate
+from gf_odg.log_reward import beta_at, log_reward
+from gf_odg.modelling import load_policy, model_summary, reference_mode, resolve_device
+from gf_odg.objectives import ObjectiveBatch, build_log_z, build_objective
+from gf_odg.prompts import PromptBatch
+from gf_odg.rewards.base import call_reward
+from gf_odg.sampling import Trajectories, decoder_and_head, run_decoder, sample
+from gf_odg.scoring import score_completions
+from gf_odg.tasks import build_reward, build_task
+from gf_odg.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepBatch:
+    prompts: PromptBatch
+    prompt_indices: list[int]  # task prompt index of each PromptBatch row
+    traj: Trajectories
+    score: torch.Tensor  # [N]
+    from_replay: torch.Tensor  # [N] bool
+    timings: dict = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_name = cfg.run_name
+        self.device = resolve_device(cfg.trainer.device)
+        self.stop_requested = False
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.resume_from = self._find_resume()
+        self._check_outputs()
+
+    # ----------------------------------------------------------------- setup
+    def _find_resume(self) -> Optional[Path]:
+        if not self.cfg.resume:
+            return None
+        found = checkpoints.find_resume(self.cfg.resume, Path(self.cfg.paths.checkpoints), self.run_name)
+        if found is None:
+            log.info("resume=auto: no complete checkpoint of run %r yet; starting fresh", self.run_name)
+        return found
+
+    def _check_outputs(self) -> None:
+        adapter_dir = Path(self.cfg.paths.adapted_models) / self.run_name
+        if adapter_dir.exists() and self.resume_from is None:
+            raise ConfigError(
+                f"run_name={self.run_name!r}: an adapter already exists at {adapter_dir}; it will not be "
+                "overwritten. Choose another run_name, or resume=auto to continue that run."
+            )
+        for key in ("checkpoints", "adapted_models"):
+            folder = Path(self.cfg.paths[key])
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test-{id(self)}"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as err:
+                raise ConfigError(f"paths.{key}={str(folder)!r} cannot be written ({err.strerror}); "
+                                  "point it at a writable folder.") from None
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.trainer.threads > 0:
+            torch.set_num_threads(cfg.trainer.threads)
+        seed_everything(cfg.seed)
+        self.reward = build_reward(cfg.task.reward)  # before the model: a bad _target_ fails fast
+        self.model, self.tokenizer, self.base_path = load_policy(cfg.model, cfg.paths, self.device)
+        self.task = build_task(cfg.task, self.tokenizer, cfg.model.chat_template, cfg.paths.root, reward=self.reward)
+        if cfg.objective.name == "subtb" and not hasattr(self.reward, "score_prefixes"):
+            raise ConfigError(
+                f"objective=subtb needs a reward that scores every prefix (a `score_prefixes` method); "
+                f"task.reward {type(self.reward).__name__} has none. Use objective=tb or vargrad.")
+        self.objective = build_objective(cfg.objective)
+        hidden = self.model.get_base_model().config.hidden_size
+        self.log_z = build_log_z(cfg.objective, hidden)
+        if self.log_z is not None:
+            self.log_z.to(self.device)
+        self.prompt_features: dict[int, torch.Tensor] = {}
+        lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": lora_params, "lr": cfg.trainer.lr, "weight_decay": cfg.trainer.weight_decay}]
+        if self.log_z is not None:
+            groups.append({"params": list(self.log_z.parameters()), "lr": cfg.trainer.log_z_lr, "weight_decay": 0.0})
+        self.optimizer = build_optimizer(cfg.trainer.optimizer, groups, self.device)
+        warmup = max(0, cfg.trainer.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)) if warmup else 1.0)
+        self.behaviour_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        self.replay = build_replay(cfg.exploration.replay)
+        self.wandb_id = None
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.tracker = Tracker(cfg.logger, self.run_dir, self.run_name, self._config_dict(), resume_id=self.wandb_id)
+        self.tracker.summary(model_summary(self.model))
+
+    def _config_dict(self) -> dict:
+        return OmegaConf.to_container(self.cfg, resolve=True)
+
+    # ----------------------------------------------------------------- one step
+    def _prompt_features(self, indices: list[int]) -> torch.Tensor:
+        """Frozen (adapters off), mean-pooled prompt representations for a conditioned log Z: [P, H]."""
+        missing = [i for i in indices if i not in self.prompt_features]
+        if missing:
+            prompts = self._prompt_batch(missing)
+            decoder, _, _ = decoder_and_head(self.model)
+            with torch.no_grad(), reference_mode(self.model):
+                hidden, _ = run_decoder(decoder, input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                                        position_ids=prompts.position_ids(), use_cache=False)
+            mask = prompts.attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            for i, feature in zip(missing, pooled.float()):
+                self.prompt_features[i] = feature
+        return torch.stack([self.prompt_features[i] for i in indices])
+
+    def _prompt_batch(self, indices: list[int]) -> PromptBatch:
+        return PromptBatch.build([self.task.prompt_tokens[i] for i in indices], [self.task.prompts[i] for i in indices],
+                                 self.tokenizer.pad_token_id, self.device)
+
+    def _choose_prompts(self) -> list[int]:
+        n = len(self.task.records)
+        k = self.cfg.trainer.prompts_per_step
+        order = torch.randperm(n, generator=self.behaviour_gen).tolist()
+        return [order[i % n] for i in range(k)] if k > n else order[:k]
+
+    def collect(self) -> StepBatch:
+        """Sample K completions per prompt (some replayed), and score them with the reward."""
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        t0 = time.perf_counter()
+        indices = self._choose_prompts()
+        prompts = self._prompt_batch(indices)
+        k = tcfg.samples_per_prompt
+        n_replay = int(round(exploration.replay_fraction_at(cfg.exploration, self.step) * k))
+        replayed = []  # (row, entry)
+        if n_replay and self.replay is not None:
+            for row, i in enumerate(indices):
+                key = self.task.prompts[i] if cfg.exploration.replay.scope == "prompt" else None
+                if self.replay.size(key) > 0:
+                    replayed += [(row, e) for e in self.replay.sample(key, n_replay, self.behaviour_gen,
+                                                                       self._log_reward_fn())]
+        n_fresh = [k - sum(1 for r, _ in replayed if r == row) for row in range(len(indices))]
+        group = torch.tensor([row for row, m in enumerate(n_fresh) for _ in range(m)], dtype=torch.long)
+        temps = exploration.behaviour_temperatures(cfg.exploration, len(group), self.behaviour_gen)
+        eps = exploration.epsilon_at(cfg.exploration, self.step)
+        traj = sample(self.model, self.tokenizer, prompts, group.to(self.device), self.task.constraints,
+                      temperature=temps.to(self.device), epsilon=eps, generator=self.sample_gen,
+                      share_prefill=tcfg.share_prompt_prefill)
+        t1 = time.perf_counter()
+        fresh_prompts = [self.task.prompts[indices[int(g)]] for g in group]
+        score = call_reward(self.reward, fresh_prompts, traj.texts,
+                            **self.task.reward_kwargs([indices[int(g)] for g in group]))
+        t2 = time.perf_counter()
+        if replayed:
+            traj = merge_replayed(traj, replayed, self.task.constraints.eos_id, self.device)
+            score = torch.cat([score, torch.tensor([float(e["score"]) for _, e in replayed])])
+        from_replay = torch.zeros(len(traj), dtype=torch.bool)
+        from_replay[len(group):] = True
+        timings = {"time/sample": t1 - t0, "time/reward": t2 - t1}
+        batch = StepBatch(prompts, indices, traj, score, from_replay, timings)
+        batch.temperature_mean = float(temps.mean()) if len(temps) else 1.0
+        batch.epsilon = eps
+        return batch
+
+    def _log_reward_fn(self):
+        beta = beta_at(self.cfg.objective, self.step)
+        floor = self.cfg.objective.log_reward_min
+        return lambda scores: log_reward(torch.as_tensor(scores, dtype=torch.float32), beta, floor)
+
+    def train_step(self, batch: StepBatch) -> dict:
+        cfg, ocfg = self.cfg, self.cfg.objective
+        traj = batch.traj
+        dev = self.device
+        group = traj.group.to(dev)
+        beta = beta_at(ocfg, self.step)
+        t0 = time.perf_counter()
+        needs_ref = ocfg.ref_weight != 0 or (ocfg.name == "rloo" and ocfg.kl_coef)
+        log_ref = None
+        ref_lp = None
+        if needs_ref:
+            with torch.no_grad(), reference_mode(self.model):
+                ref_lp = score_completions(self.model, batch.prompts, group, traj.tokens.to(dev), traj.lengths.to(dev),
+                                           self.task.constraints, self.task.constraints.eos_id,
+                                           cfg.trainer.share_prompt_prefill, cfg.trainer.score_chunk_rows,
+                                           want_eos=ocfg.name == "subtb")
+            log_ref = ref_lp.total().float()
+        score = batch.score.to(dev)
+        log_r = log_reward(score, beta, ocfg.log_reward_min, ocfg.ref_weight, log_ref)
+        want_eos = ocfg.name == "subtb"
+        lp = score_completions(self.model, batch.prompts, group, traj.tokens.to(dev), traj.lengths.to(dev),
+                               self.task.constraints, self.task.constraints.eos_id, cfg.trainer.share_prompt_prefill,
+                               cfg.trainer.score_chunk_rows, want_eos=want_eos)
+        log_pf = lp.total().float()
+        log_z = None
+        if self.log_z is not None:
+            log_z = self.log_z(self._prompt_features(batch.prompt_indices))[group]
+        obj_batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_r.detach(), score=score, group=group, log_z=log_z,
+                                   log_ref=log_ref, lengths=traj.lengths.to(dev))
+        if want_eos:
+            obj_batch.log_pf_tokens = lp.token.float()
+            obj_batch.log_pf_stop = lp.eos.float()
+            obj_batch.prefix_log_reward = self._prefix_log_rewards(batch, beta, ref_lp)
+        loss, diag = self.objective(obj_batch)
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        grad_norm = float("nan")
+        if finite:
+            loss.backward()
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
+                raise GFODGError(
+                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                    "stopping. The last good checkpoint is intact. Lower trainer.lr, raise "
+                    "objective.log_reward_min, or check the reward.")
+        t2 = time.perf_counter()
+        metrics = self._step_metrics(batch, loss, log_pf, log_r, log_z, diag, beta, grad_norm, finite)
+        metrics.update(batch.timings)
+        metrics.update({"time/score_backward": t1 - t0 + (t2 - t1)})
+        self._add_to_replay(batch)
+        return metrics
+
+    def _prefix_log_rewards(self, batch: StepBatch, beta: float, ref_lp) -> torch.Tensor:
+        traj = batch.traj
+        prefixes = [[self.tokenizer.decode(tokens[:t], skip_special_tokens=True) for t in range(len(tokens))]
+                    for tokens in traj.token_lists()]
+        prompts = [batch.prompts.texts[int(g)] for g in traj.group]
+        scores = torch.as_tensor(self.reward.score_prefixes(prompts, prefixes), dtype=torch.float32).to(self.device)
+        width = traj.tokens.shape[1]
+        if scores.shape[1] < width:
+            pad = torch.full((scores.shape[0], width - scores.shape[1]), -math.inf, device=self.device)
+            scores = torch.cat([scores, pad], dim=1)
+        log_ref = None
+        if ref_lp is not None and self.cfg.objective.ref_weight:
+            before = torch.cumsum(ref_lp.token, 1) - ref_lp.token
+            log_ref = before + ref_lp.eos  # log p_ref(y_<t, EOS)
+        floor = self.cfg.objective.log_reward_min
+        value = scores[:, :width] / beta
+        if log_ref is not None:
+            value = value + self.cfg.objective.ref_weight * log_ref
+        # -inf stays -inf here: such a prefix cannot terminate and is left out of SubTB's pairs.
+        return torch.where(torch.isfinite(value), value.clamp(min=floor), value)
+
+    def _add_to_replay(self, batch: StepBatch) -> None:
+        if self.replay is None:
+            return
+        for i, (tokens, text) in enumerate(zip(batch.traj.token_lists(), batch.traj.texts)):
+            if batch.from_replay[i]:
+                continue
+            prompt = batch.prompts.texts[int(batch.traj.group[i])]
+            self.replay.add(prompt, tuple(tokens), text, float(batch.score[i]))
+
+    def _step_metrics(self, batch, loss, log_pf, log_r, log_z, diag, beta, grad_norm, finite) -> dict:
+        traj = batch.traj
+        score = batch.score
+        valid = torch.isfinite(score)
+        group = traj.group.to(log_pf.device)
+        ratio = (log_r - log_pf).detach()
+        var_per_prompt = []
+        for g in group.unique():
+            values = ratio[group == g]
+            if values.numel() > 1:
+                var_per_prompt.append(float(values.var()))
+        residual = diag["residual"].float()
+        max_len = self.task.constraints.max_new_tokens
+        fresh = ~batch.from_replay
+        m = {
+            "loss": float(loss.detach()),
+            "log_pf/mean": float(log_pf.detach().mean()),
+            "log_reward/mean": float(log_r.mean()),
+            "residual/mean": float(residual.mean()),
+            "residual/std": float(residual.std()) if residual.numel() > 1 else 0.0,
+            "var_log_ratio": float(np.mean(var_per_prompt)) if var_per_prompt else float("nan"),
+            "beta": beta,
+            "reward/mean": float(score[valid].mean()) if valid.any() else float("nan"),
+            "reward/valid_fraction": float(valid.float().mean()),
+            "completion/length_mean": float(traj.lengths.float().mean()),
+            "completion/eos_fraction": float((traj.lengths < max_len).float().mean()),
+            "completion/unique_fraction": len(set(traj.texts)) / max(1, len(traj.texts)),
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "nonfinite_steps": self.nonfinite_total,
+            "skipped_step": 0.0 if finite else 1.0,
+            "exploration/temperature_mean": batch.temperature_mean,
+            "exploration/epsilon": batch.epsilon,
+            "exploration/replay_fraction": float(batch.from_replay.float().mean()),
+            "exploration/fresh_unique_fraction": len(set(t for t, f in zip(traj.texts, fresh) if f)) / max(1, int(fresh.sum())),
+        }
+        if log_z is not None:
+            m["log_z"] = float(log_z.detach().mean())
+        elif "log_z_estimate" in diag:
+            m["log_z"] = float(diag["log_z_estimate"].mean())
+        terms = getattr(self.reward, "last_terms", None)
+        if terms:
+            for name, values in terms.items():
+                values = torch.as_tensor(values, dtype=torch.float32)
+                fin = values[torch.isfinite(values)]
+                m[f"rewards/{name}/mean"] = float(fin.mean()) if fin.numel() else float("nan")
+                m[f"rewards/{name}/std"] = float(fin.std()) if fin.numel() > 1 else 0.0
+        if self.replay is not None:
+            stats = self.replay.stats(self._log_reward_fn())
+            m["replay/size"] = stats.get("size", len(self.replay))
+            for key in ("mean_log_reward", "max_log_reward"):
+                if key in stats:
+                    m[f"replay/{key}"] = stats[key]
+        return m
+
+    # ----------------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "log_z": self.log_z.state_dict() if self.log_z is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(), "behaviour": self.behaviour_gen.get_state(),
+                    "sample": self.sample_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+            "nonfinite_total": self.nonfinite_total,
+            "wandb_id": self.tracker.run_id if getattr(self, "tracker", None) else self.wandb_id,
+            "base_model": self.base_path,
+            "run_name": self.run_name,
+        }
+
+    def save_checkpoint(self) -> Path:
+        config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
+        path = checkpoints.save_checkpoint(Path(self.cfg.paths.checkpoints) / self.run_name, self.step, self.model,
+                                           self._state(), config_yaml, self.cfg.trainer.keep_checkpoints)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def _restore(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = checkpoints.load_state(path)
+        if state.get("base_model") != self.base_path:
+            raise CheckpointError(
+                f"checkpoint {path} was made for base model {state.get('base_model')!r}, not {self.base_path!r}; "
+                "resume it with the model it was trained with.")
+        adapter_file = path / "adapter" / "adapter_model.safetensors"
+        if not adapter_file.is_file():
+            raise CheckpointError(f"checkpoint {path} has no adapter weights ({adapter_file} missing).")
+        set_peft_model_state_dict(self.model, load_file(str(adapter_file), device=str(self.device)))
+        if self.log_z is not None and state["log_z"] is not None:
+            self.log_z.load_state_dict(state["log_z"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["rng"]
+        random.setstate(_to_python_state(rng["python"]))
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        self.behaviour_gen.set_state(rng["behaviour"])
+        self.sample_gen.set_state(rng["sample"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.replay is not None and state.get("replay") is not None:
+            self.replay.load_state_dict(state["replay"])
+        self.step = int(state["step"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.wandb_id = state.get("wandb_id")
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------- the run
+    def evaluate(self, tag: str) -> dict:
+        ecfg = self.cfg.task.evaluation
+        result, rows = evaluate(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
+                                beta=beta_at(self.cfg.objective, self.step), seed=self.cfg.seed + 1000,
+                                share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact)
+        self.tracker.log({f"eval_{tag}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
+                         step=self.step)
+        self.tracker.log_samples(rows[:64], step=self.step, key=f"eval_{tag}/samples")
+        return result
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        before = None
+        if cfg.task.evaluation.before_training and self.step == 0:
+            before = self.evaluate("before")
+        progress = make_progress(cfg.trainer.progress, cfg.trainer.max_steps, self.step)
+        with handle_signals(self):
+            while self.step < cfg.trainer.max_steps and not self.stop_requested:
+                t0 = time.perf_counter()
+                batch = self.collect()
+                metrics = self.train_step(batch)
+                self.step += 1
+                metrics["time/step"] = time.perf_counter() - t0
+                self.tracker.log(metrics, step=self.step)
+                if cfg.trainer.sample_table_every and self.step % cfg.trainer.sample_table_every == 0:
+                    rows = [{"step": self.step, "prompt": batch.prompts.texts[int(g)], "completion": t,
+                             "score": float(s), "replayed": bool(r)}
+                            for g, t, s, r in zip(batch.traj.group, batch.traj.texts, batch.score, batch.from_replay)]
+                    self.tracker.log_samples(rows, step=self.step)
+                if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
+                    self.save_checkpoint()
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", log_z=f"{metrics.get('log_z', float('nan')):.2f}",
+                                     reward=f"{metrics['reward/mean']:.2f}",
+                                     valid=f"{metrics['reward/valid_fraction']:.2f}")
+        progress.close()
+        self.save_checkpoint()
+        if self.stop_requested:
+            log.warning("stopped by a signal at step %d; checkpoint saved. Continue with resume=auto run_name=%s",
+                        self.step, self.run_name)
+            return {"interrupted": True, "step": self.step}
+        adapter_dir = save_adapter(self.model, Path(cfg.paths.adapted_models) / self.run_name)
+        after = self.evaluate("after")
+        summary = {"before": before, "after": after, "steps": self.step, "adapter": str(adapter_dir)}
+        self.tracker.summary({f"eval_after/{k}": v for k, v in after.items() if isinstance(v, (int, float))})
+        return summary
+
+    def close(self, exit_code: int = 0) -> None:
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.finish(exit_code)
+
+
+def save_adapter(model, dest: Path) -> Path:
+    """The final adapter, loadable by plain `PeftModel.from_pretrained(base, dest)`; written atomically."""
+    return checkpoints.write_folder_atomic(dest, lambda tmp: model.save_pretrained(tmp))
+
+
+def merge_replayed(traj: Trajectories, replayed: list, eos_id: int, device) -> Trajectories:
+    tokens = [list(e["tokens"]) for _, e in replayed]
+    width = max(traj.tokens.shape[1], max(len(t) for t in tokens))
+    out = torch.full((len(traj) + len(tokens), width), eos_id, dtype=torch.long, device=device)
+    out[: len(traj), : traj.tokens.shape[1]] = traj.tokens
+    for i, t in enumerate(tokens):
+        out[len(traj) + i, : len(t)] = torch.tensor(t, device=device)
+    lengths = torch.cat([traj.lengths, torch.tensor([len(t) for t in tokens], device=device)])
+    group = torch.cat([traj.group.to(device), torch.tensor([row for row, _ in replayed], device=device)])
+    return Trajectories(group=group, tokens=out, lengths=lengths, texts=traj.texts + [e["text"] for _, e in replayed])
+
+
+def build_optimizer(name: str, groups: list, device: torch.device):
+    if name == "adamw":
+        return torch.optim.AdamW(groups)
+    if name == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise ConfigError("trainer.optimizer=paged_adamw_8bit needs a CUDA device; use adamw on the CPU.")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups)
+    raise ConfigError(f"trainer.optimizer={name!r} is not one of adamw, paged_adamw_8bit.")
+
+
+def build_replay(cfg):
+    if not cfg.enabled:
+        return None
+    from gf_odg.replay import ReplayBuffer
+
+    embed_fn = None
+    if cfg.dedup == "embedding":
+        from gf_odg.rewards.embedding import embed
+
+        embed_fn = embed
+    return ReplayBuffer(capacity=cfg.capacity, scope=cfg.scope, priority=cfg.priority,
+                        priority_temperature=cfg.priority_temperature, dedup=cfg.dedup,
+                        dedup_threshold=cfg.dedup_threshold, embed_fn=embed_fn, min_score=cfg.min_log_reward)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_python_state(state):
+    """random.getstate() round-trips through torch.save as lists; setstate wants tuples."""
+    if isinstance(state, list):
+        return tuple(_to_python_state(s) for s in state)
+    return state
+
+
+class handle_signals:
+    """SIGTERM/SIGINT ask the loop to stop after the current step (which then checkpoints)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.trainer.stop_requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing this step, then checkpointing", signum)
+        self.trainer.stop_requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def make_progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)

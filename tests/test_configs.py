@@ -1,0 +1,91 @@
+"""Every config file composes; groups are typed; bad values fail before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from conftest import CONFIGS, compose_cfg
+from gf_odg.errors import ConfigError
+from gf_odg.validation import validate
+
+GROUPS = ["model", "task", "objective", "exploration", "trainer", "logger", "experiment", "hparams_search"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_config_file_composes_and_validates(group, option):
+    override = f"+{group}={option}" if group in ("experiment", "hparams_search") else f"{group}={option}"
+    cfg = compose_cfg([override])
+    validate(cfg)
+    assert cfg.model.name and cfg.task.name and cfg.objective.name
+
+
+def test_gemma_selects_the_hub_model_in_4bit():
+    cfg = compose_cfg(["model=gemma-2b"])
+    assert cfg.model.name_or_path == "google/gemma-2b"
+    assert cfg.model.source == "hub"
+    assert cfg.model.quantization.load_in_4bit is True
+    assert cfg.model.quantization.quant_type == "nf4"
+
+
+def test_default_is_the_embedded_model_in_4bit():
+    cfg = compose_cfg([])
+    assert cfg.model.source == "embedded"
+    assert cfg.model.quantization.load_in_4bit is True
+    assert cfg.paths.hf_cache.endswith("models/.cache")
+
+
+def test_mistyped_key_fails_at_compose_time_naming_it():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+        compose_cfg(["trainer.max_stpes=3"])
+    assert "max_stpes" in str(err.value)
+
+
+def test_unknown_model_lists_the_options():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["model=does-not-exist"])
+    text = str(err.value)
+    assert "does-not-exist" in text and "gemma-2b" in text and "smollm2-135m" in text
+
+
+def test_project_root_env_moves_the_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    cfg = compose_cfg([])
+    assert cfg.paths.checkpoints == f"{tmp_path}/models/checkpoints"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("objective.beta=0", "objective.beta"),
+    ("objective.beta=-1", "objective.beta"),
+    ("trainer.lr=0", "trainer.lr"),
+    ("trainer.log_z_lr=-0.1", "trainer.log_z_lr"),
+    ("exploration.p_temper=1.5", "exploration.p_temper"),
+    ("exploration.epsilon=-0.1", "exploration.epsilon"),
+    ("exploration.temper_lo=0", "exploration.temper_lo"),
+    ("task.max_new_tokens=0", "task.max_new_tokens"),
+])
+def test_bad_values_name_their_key(override, key):
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert key in str(err.value)
+
+
+def test_vargrad_needs_two_samples_per_prompt():
+    cfg = compose_cfg(["objective=vargrad", "trainer.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match="trainer.samples_per_prompt"):
+        validate(cfg)
+
+
+def test_temper_bounds_must_be_ordered():
+    cfg = compose_cfg(["exploration.temper_lo=2", "exploration.temper_hi=1"])
+    with pytest.raises(ConfigError, match="temper_lo"):
+        validate(cfg)
+
+
+def test_replay_enabled_with_zero_capacity():
+    cfg = compose_cfg(["exploration.replay.enabled=true", "exploration.replay.capacity=0"])
+    with pytest.raises(ConfigError, match="exploration.replay.capacity"):
+        validate(cfg)

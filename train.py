@@ -1,0 +1,119 @@
+"""GF-ODG training entry point.
+
+    uv run python train.py                                  # embedded SmolLM2, rng task, TB
+    uv run python train.py model=gemma-2b objective=vargrad
+    uv run python train.py -m objective=tb,vargrad seed=0,1 # a sweep
+
+Compose (Hydra) -> validate -> build the trainer -> evaluate, train, evaluate -> eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+load_dotenv(Path(__file__).resolve().parent / ".env")  # before anything reads the environment
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gf_odg.config import register_configs  # noqa: E402
+from gf_odg.errors import GFODGError  # noqa: E402
+
+register_configs()
+log = logging.getLogger("gf_odg")
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our progress bar and table: library chatter goes to the log file only."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for module in ("transformers", "peft", "torch.utils.checkpoint", "bitsandbytes"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    hydra_cfg = HydraConfig.get()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{cfg.task.name}-{cfg.objective.name}-{cfg.model.name}-{stamp}"
+    if hydra_cfg.mode.name == "MULTIRUN":
+        name += f"-{hydra_cfg.job.num}"
+    return name
+
+
+def format_table(before: dict | None, after: dict) -> str:
+    keys = [k for k, v in after.items() if isinstance(v, (int, float)) and k != "n_samples"]
+    lines = [f"{'metric':<20}{'before':>12}{'after':>12}"]
+    for key in keys:
+        b = before.get(key) if before else None
+        lines.append(f"{key:<20}{_fmt(b):>12}{_fmt(after[key]):>12}")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    from gf_odg.trainer import Trainer
+    from gf_odg.validation import validate
+
+    validate(cfg)
+    trainer = Trainer(cfg, run_dir)
+    exit_code = 1
+    try:
+        trainer.setup()
+        summary = trainer.train()
+        exit_code = 0
+    finally:
+        trainer.close(exit_code)
+    if summary.get("interrupted"):
+        return summary
+    result = {"run_name": cfg.run_name, "steps": summary["steps"], "adapter": summary["adapter"],
+              "before": summary["before"], "after": summary["after"]}
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    tmp.replace(run_dir / "eval.json")
+    print(f"\nEvaluation of {cfg.task.name} ({cfg.task.evaluation.n_samples} samples):")
+    print(format_table(summary["before"], summary["after"]))
+    print(f"\nadapter: {summary['adapter']}\nrun dir: {run_dir}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="main")
+def main(cfg: DictConfig):
+    quiet_libraries()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.run_name is None:
+        cfg.run_name = default_run_name(cfg)
+    try:
+        result = run(cfg, run_dir)
+    except GFODGError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        sys.exit(2)
+    after = result.get("after") or {}
+    metric = cfg.optimize_metric.split("/", 1)[-1]
+    value = after.get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+if __name__ == "__main__":
+    main()
