@@ -80,6 +80,17 @@ class ConstraintSet:
             decode=(lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if stops else None,
         )
 
+    @property
+    def columns(self) -> Optional[torch.Tensor]:
+        """Token ids that can ever be allowed ([V'] long, sorted), or None for the whole vocabulary.
+        Sampling and scoring compute logits for these columns only: the masked softmax is the same,
+        and a 49k-vocabulary output projection shrinks to a handful of rows on constrained tasks."""
+        if self.allowed is None:
+            return None
+        if getattr(self, "_columns", None) is None:
+            self._columns = self.allowed.nonzero().flatten()
+        return self._columns
+
     def mask(self, prefix: torch.Tensor, t: int) -> torch.Tensor:
         """Allowed tokens at step t for each row; prefix: [N, t] completion tokens so far -> [N, V] bool."""
         n = prefix.shape[0]

@@ -115,6 +115,7 @@ def prepare_tiny_random(dest: Path, tiny: DictConfig, tokenizer_dir: Path) -> Pa
             num_attention_heads=tiny.num_attention_heads,
             num_key_value_heads=tiny.num_key_value_heads,
             max_position_embeddings=2048,
+            initializer_range=tiny.initializer_range,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

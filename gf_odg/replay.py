@@ -29,6 +29,7 @@ Sampling is with replacement, with probabilities over the N candidate entries:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from gf_odg.errors import ConfigError
 
 RANK_K = 1e-2
+HISTOGRAM_BINS = 64  # letters hashed into bins; merging letters keeps the bag distance a lower bound
 SCOPES = ("prompt", "global")
 PRIORITIES = ("uniform", "rank", "softmax")
 DEDUPS = ("exact", "edit", "embedding")
@@ -57,26 +59,73 @@ class ReplayEntry:
 
 
 def edit_distances(query: str, candidates: Sequence[str]) -> torch.Tensor:
-    """Levenshtein distance from `query` to each candidate: [M] int64.
+    """Levenshtein distance from `query` to each candidate: [M] int64."""
+    return _levenshtein(_codes(query), [_codes(c) for c in candidates])
 
-    One DP row per query character, vectorised over candidates and columns. Within a row
-    D[i, j] = min(E[j], D[i, j-1] + 1) with E[j] = min(D[i-1, j-1] + [a_i != b_j], D[i-1, j] + 1),
-    which unrolls to D[i, j] = j + cummin_{j' <= j}(E[j'] - j'). Right padding never reaches
-    column len(b), so each candidate reads its distance there.
+
+def _codes(text: str) -> torch.Tensor:
+    return torch.tensor([ord(ch) for ch in text], dtype=torch.long)  # [len(text)]
+
+
+def _levenshtein(query: torch.Tensor, candidates: list[torch.Tensor],
+                 bound: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Levenshtein distances [M] between code sequences; where `bound` [M] is given, any distance
+    above it is reported as bound + 1.
+
+    Banded DP (Ukkonen): a cell D[i, j] with |i - j| > B costs more than B, so with B = max(bound)
+    only offsets o = j - i + B in [0, 2B] are kept, one row per query character, vectorised over
+    candidates. From row i-1: diagonal D[i-1, j-1] is offset o, up D[i-1, j] is offset o + 1, and
+    within the row D[i, j] = min(E[j], D[i, j-1] + 1), which unrolls to o + cummin_{o' <= o}(E[o'] - o').
+    Every path through (i, j) costs at least D[i, j] + |(len(b) - j) - (len(a) - i)|, so a candidate
+    whose row minimum of that exceeds its bound is dropped early (checked every few rows).
     """
+    n = len(query)
     lengths = torch.tensor([len(c) for c in candidates], dtype=torch.long)  # [M]
-    width = int(lengths.max()) if len(candidates) else 0
-    if width == 0:
-        return lengths + len(query)
-    chars = torch.tensor([[ord(ch) for ch in c] + [-1] * (width - len(c)) for c in candidates])  # [M, W]
-    cols = torch.arange(width + 1)
-    row = cols.repeat(len(candidates), 1)  # [M, W + 1], D[0, j] = j
-    for i, ch in enumerate(query, start=1):
-        best = torch.empty_like(row)
-        best[:, 0] = i
-        best[:, 1:] = torch.minimum(row[:, :-1] + (chars != ord(ch)), row[:, 1:] + 1)
-        row = torch.cummin(best - cols, dim=1).values + cols
-    return row.gather(1, lengths[:, None]).squeeze(1)
+    if bound is None:
+        bound = lengths.clamp(min=n)  # no distance exceeds the longer length
+    if not candidates or n == 0 or int(lengths.max()) == 0:
+        return torch.minimum(lengths + n, bound + 1)  # one side is empty
+    band = int(bound.max())
+    offsets = torch.arange(2 * band + 1)  # [2B + 1]
+    # chars[:, i + o] is b[j - 1] for row i: b padded with sentinels (-1 never matches) both sides
+    chars = torch.nn.utils.rnn.pad_sequence(candidates, batch_first=True, padding_value=-1)  # [M, W]
+    chars = F.pad(chars, (band + 1, max(0, n + band - chars.shape[1])), value=-1)
+    gap = (lengths[:, None] - n + band - offsets).abs()  # [M, 2B + 1] lengths left to match, the same every row
+    row = torch.where(offsets >= band, offsets - band, _INF).repeat(len(candidates), 1)  # D[0, j] = j, j >= 0
+    alive = torch.arange(len(candidates))  # candidates still computed: the rows of row and gap
+    for i, code in enumerate(query.tolist(), start=1):
+        best = row + (chars[:, i: i + 2 * band + 1].index_select(0, alive) != code)  # diagonal
+        best[:, :-1] = torch.minimum(best[:, :-1], row[:, 1:] + 1)  # up
+        if band - i >= 0:
+            best[:, : band - i] = _INF  # j < 0
+            best[:, band - i] = i  # j = 0
+        row = torch.cummin(best - offsets, dim=1).values + offsets  # left
+        if i % 4 == 0 or i == n:
+            within = (row + gap).amin(dim=1) <= bound.index_select(0, alive)
+            if not within.all():
+                keep = within.nonzero().squeeze(1)
+                alive, row, gap = alive.index_select(0, keep), row.index_select(0, keep), gap.index_select(0, keep)
+                if alive.numel() == 0:
+                    break
+    final = lengths.index_select(0, alive) - n + band  # offset of (n, len(b)); outside the band means > B
+    distance = row.gather(1, final.clamp(0, 2 * band)[:, None]).squeeze(1)
+    distance = torch.where((final >= 0) & (final <= 2 * band), distance, _INF)
+    return (bound + 1).index_copy(0, alive, torch.minimum(distance, bound.index_select(0, alive) + 1))
+
+
+_INF = 1 << 40
+
+
+@contextmanager
+def _one_thread():
+    """Run torch on one thread: dedup works on many small tensors, where the fork-join of intra-op
+    threads costs more than the work, and on a busy CPU each parallel op can wait a scheduler tick."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _choice(key: str, value: str, allowed: Sequence[str]) -> str:
@@ -111,7 +160,7 @@ class ReplayBuffer:
         self.min_log_reward = min_log_reward
         # pool key (the prompt, or None for the global pool) -> {(prompt, tokens): entry}, oldest first
         self._pools: dict[Optional[str], dict[tuple[str, tuple[int, ...]], ReplayEntry]] = {}
-        self._embeddings: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}  # cache, rebuilt on demand
+        self._features: dict[tuple[str, tuple[int, ...]], Any] = {}  # _text_features cache, rebuilt on demand
 
     @classmethod
     def from_config(cls, cfg: Any, embed_fn: Optional[EmbedFn] = None) -> "ReplayBuffer":
@@ -161,13 +210,13 @@ class ReplayBuffer:
                 raise ValueError("replay: this buffer has a min_log_reward, so add() needs log_reward_fn.")
             log_rewards = self._log_rewards(scores, log_reward_fn)
             keep = [k and lr >= self.min_log_reward for k, lr in zip(keep, log_rewards.tolist())]
-        embeddings = [None] * len(scores)
-        if self.dedup == "embedding" and any(keep):
+        features = [None] * len(scores)
+        if self.dedup != "exact" and any(keep):
             todo = [i for i, k in enumerate(keep) if k]
-            for i, e in zip(todo, self._embed([texts[i] for i in todo])):
-                embeddings[i] = e
-        return [k and self._add(ReplayEntry(p, self._as_tuple(t), x, s, e), emb)
-                for k, p, t, x, s, e, emb in zip(keep, prompts, tokens, texts, scores, extras, embeddings)]
+            for i, feature in zip(todo, self._text_features([texts[i] for i in todo])):
+                features[i] = feature
+        return [k and self._add(ReplayEntry(p, self._as_tuple(t), x, s, e), f)
+                for k, p, t, x, s, e, f in zip(keep, prompts, tokens, texts, scores, extras, features)]
 
     @staticmethod
     def _as_tuple(tokens: Sequence[int]) -> tuple[int, ...]:
@@ -175,7 +224,8 @@ class ReplayBuffer:
             tokens = tokens.tolist()
         return tuple(int(t) for t in tokens)
 
-    def _add(self, new: ReplayEntry, embedding: Optional[torch.Tensor]) -> bool:
+    def _add(self, new: ReplayEntry, feature: Any) -> bool:
+        """Dedup, evict, insert; `feature` is the newcomer's `_text_features` (None in exact mode)."""
         pool = self._pools.setdefault(new.prompt if self.scope == "prompt" else None, {})
         key = (new.prompt, new.tokens)
         old = pool.get(key)
@@ -184,7 +234,7 @@ class ReplayBuffer:
                 pool[key] = replace(old, score=new.score, extra=old.extra if new.extra is None else new.extra)
             return False
         if self.dedup != "exact":
-            near = self._near_duplicates(pool, new, embedding)
+            near = self._near_duplicates(pool, new, feature)
             if any(pool[k].score >= new.score for k in near):
                 return False
             for k in near:
@@ -195,36 +245,51 @@ class ReplayBuffer:
                 return False
             self._remove(pool, lowest)
         pool[key] = new
-        if embedding is not None:
-            self._embeddings[key] = embedding
+        if feature is not None:
+            self._features[key] = feature
         return True
 
     def _remove(self, pool: dict, key: tuple[str, tuple[int, ...]]) -> None:
         del pool[key]
-        self._embeddings.pop(key, None)
+        self._features.pop(key, None)
 
-    def _near_duplicates(self, pool: dict, new: ReplayEntry, embedding: Optional[torch.Tensor]) -> list:
+    def _near_duplicates(self, pool: dict, new: ReplayEntry, feature: Any) -> list:
         keys = [k for k in pool if k[0] == new.prompt]
         if not keys:
             return []
-        if self.dedup == "edit":
-            lengths = torch.tensor([len(pool[k].text) for k in keys])
-            longest = torch.clamp(lengths, min=len(new.text))
-            close = (lengths - len(new.text)).abs() <= self.dedup_threshold * longest  # d >= length gap
-            keys = [k for k, c in zip(keys, close.tolist()) if c]
-            if not keys:
-                return []
-            longest = longest[close]
-            distance = edit_distances(new.text, [pool[k].text for k in keys]).double()
-            normalised = torch.where(longest > 0, distance / longest.clamp(min=1), torch.zeros_like(distance))
-            return [k for k, n in zip(keys, normalised.tolist()) if n <= self.dedup_threshold]
-        if embedding is None:
-            embedding = self._embed([new.text])[0]
-        missing = [k for k in keys if k not in self._embeddings]  # e.g. after load_state_dict
+        missing = [k for k in keys if k not in self._features]  # e.g. after load_state_dict
         if missing:
-            self._embeddings.update(zip(missing, self._embed([pool[k].text for k in missing])))
-        cosine = torch.stack([self._embeddings[k] for k in keys]) @ embedding  # [M]
-        return [k for k, c in zip(keys, cosine.tolist()) if c >= 1 - self.dedup_threshold]
+            self._features.update(zip(missing, self._text_features([pool[k].text for k in missing])))
+        if self.dedup == "embedding":
+            cosine = torch.stack([self._features[k] for k in keys]) @ feature  # [M]
+            return [k for k, c in zip(keys, cosine.tolist()) if c >= 1 - self.dedup_threshold]
+        with _one_thread():
+            return self._edit_near_duplicates([(k, self._features[k]) for k in keys], feature)
+
+    def _edit_near_duplicates(self, candidates: list, feature: tuple) -> list:
+        """Keys among (key, features) candidates at normalised edit distance <= threshold from `feature`."""
+        codes, histogram = feature
+        lengths = torch.tensor([len(c) for _, (c, _) in candidates])  # [M]
+        bound = (self.dedup_threshold * lengths.clamp(min=len(codes)) + 1e-9).floor().long()  # most edits allowed
+        # cheap lower bounds on the distance first: the length gap, and the letter-count (bag) distance
+        histograms = torch.stack([h for _, (_, h) in candidates])  # [M, HISTOGRAM_BINS]
+        bag = torch.maximum((histograms - histogram).clamp(min=0).sum(1), (histogram - histograms).clamp(min=0).sum(1))
+        close = (((lengths - len(codes)).abs() <= bound) & (bag <= bound)).nonzero().squeeze(1).tolist()
+        if not close:
+            return []
+        bound = bound[close]
+        distance = _levenshtein(codes, [candidates[i][1][0] for i in close], bound)
+        return [candidates[i][0] for i, ok in zip(close, (distance <= bound).tolist()) if ok]
+
+    def _text_features(self, texts: list[str]) -> list:
+        """What near-duplicate tests compare: a unit embedding, or (character codes, hashed letter counts)."""
+        if self.dedup == "embedding":
+            return self._embed(texts)
+        features = []
+        for text in texts:
+            codes = _codes(text)
+            features.append((codes, torch.bincount(codes % HISTOGRAM_BINS, minlength=HISTOGRAM_BINS)))
+        return features
 
     def _embed(self, texts: list[str]) -> list[torch.Tensor]:
         vectors = self.embed_fn(texts)
@@ -310,7 +375,7 @@ class ReplayBuffer:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"replay: unknown state version {state.get('version')!r}, expected {STATE_VERSION}.")
-        self._pools, self._embeddings = {}, {}
+        self._pools, self._features = {}, {}
         for item in state["entries"]:
             entry = ReplayEntry(item["prompt"], tuple(item["tokens"]), item["text"], float(item["score"]),
                                 item.get("extra"))

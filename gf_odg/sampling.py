@@ -61,8 +61,14 @@ def run_decoder(decoder, cache=None, **kwargs):
     return out.last_hidden_state, new_cache
 
 
-def head_logits(lm_head, config, hidden: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden).float()
+def head_logits(lm_head, config, hidden: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Output logits in fp32, for every token or only for `columns` (token ids): [..., V or V']."""
+    if columns is None:
+        logits = lm_head(hidden).float()
+    else:
+        columns = columns.to(hidden.device)
+        bias = lm_head.bias[columns] if getattr(lm_head, "bias", None) is not None else None
+        logits = torch.nn.functional.linear(hidden, lm_head.weight[columns].to(hidden.dtype), bias).float()
     softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -96,6 +102,16 @@ def behaviour_probs(logits: torch.Tensor, allowed: torch.Tensor, temperature: to
     return probs
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inverting the CDF: [N, V] -> [N]. Several times faster than
+    `torch.multinomial` on a large vocabulary on the CPU; a zero-probability token is never drawn
+    (the first index whose cumulative mass exceeds u * total has positive mass)."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=torch.float64)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return index.clamp(max=probs.shape[1] - 1)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constraints: ConstraintSet,
            temperature: torch.Tensor | float = 1.0, epsilon: float = 0.0,
@@ -107,15 +123,22 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
     if not torch.is_tensor(temperature):
         temperature = torch.full((n,), float(temperature), device=device)
     decoder, lm_head, config = decoder_and_head(model)
+    columns = constraints.columns  # None, or the token ids that may ever be allowed
+    if columns is not None:
+        columns = columns.to(device)
     hidden, cache, attn, prompt_len = prefill(model, prompts, group, share_prefill)
-    logits = head_logits(lm_head, config, hidden)  # [N, V]
+    logits = head_logits(lm_head, config, hidden, columns)  # [N, V or V']
     tokens = torch.full((n, constraints.max_new_tokens), eos, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     lengths = torch.full((n,), constraints.max_new_tokens, dtype=torch.long, device=device)
     for t in range(constraints.max_new_tokens):
         allowed = constraints.mask(tokens[:, :t], t)
+        if columns is not None:
+            allowed = allowed[:, columns]
         probs = behaviour_probs(logits, allowed, temperature, epsilon)
-        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        nxt = draw(probs, generator)
+        if columns is not None:
+            nxt = columns[nxt]
         nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
         tokens[:, t] = nxt
         newly = (nxt == eos) & ~finished
@@ -126,7 +149,7 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
         attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
         hidden, cache = run_decoder(decoder, cache, input_ids=nxt.unsqueeze(1), attention_mask=attn,
                                     position_ids=(prompt_len + t).unsqueeze(1), use_cache=True)
-        logits = head_logits(lm_head, config, hidden[:, -1])
+        logits = head_logits(lm_head, config, hidden[:, -1], columns)
     width = int(lengths.max())
     tokens = tokens[:, :width]
     texts = [tokenizer.decode(tokens[i, : int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(n)]

@@ -59,13 +59,15 @@ def completion_hidden(model, prompts: PromptBatch, group: torch.Tensor, tokens: 
     return torch.cat([last_hidden.unsqueeze(1), hidden], dim=1)
 
 
-def _chunk_logprobs(lm_head, config, eos_id: int, hidden, tokens, allowed):
-    logits = head_logits(lm_head, config, hidden)  # [N, c, V] fp32, one chunk only
+def _chunk_logprobs(lm_head, config, eos_index: int, hidden, token_index, allowed, columns):
+    """token_index / eos_index index the computed columns (the vocabulary, or `columns`)."""
+    logits = head_logits(lm_head, config, hidden, columns)  # [N, c, V or V'] fp32, one chunk only
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     normaliser = torch.logsumexp(logits, dim=-1)  # [N, c]
-    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - normaliser
-    eos = logits[..., eos_id] - normaliser
+    chosen = logits.gather(-1, token_index.clamp(min=0).unsqueeze(-1)).squeeze(-1) - normaliser
+    chosen = torch.where(token_index >= 0, chosen, torch.full_like(chosen, float("-inf")))
+    eos = logits[..., eos_index] - normaliser
     return chosen, eos
 
 
@@ -75,6 +77,14 @@ def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tens
     n, width, _ = hidden.shape
     valid = torch.arange(width, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)  # [N, T]
     safe_tokens = torch.where(valid, tokens, torch.full_like(tokens, eos_id))
+    columns = constraints.columns if constraints is not None else None
+    if columns is not None:
+        columns = columns.to(tokens.device)
+        lookup = torch.full((lm_head.weight.shape[0],), -1, dtype=torch.long, device=tokens.device)
+        lookup[columns] = torch.arange(len(columns), device=tokens.device)
+        token_index, eos_index = lookup[safe_tokens], int(lookup[eos_id])
+    else:
+        token_index, eos_index = safe_tokens, eos_id
     step = max(1, chunk_rows // max(n, 1))
     chosen_parts, eos_parts = [], []
     for t0 in range(0, width, step):
@@ -82,7 +92,9 @@ def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tens
         allowed = None
         if constraints is not None:
             allowed = torch.stack([constraints.mask(safe_tokens[:, :t], t) for t in range(t0, t1)], dim=1)
-        args = (lm_head, config, eos_id, hidden[:, t0:t1], safe_tokens[:, t0:t1], allowed)
+            if columns is not None:
+                allowed = allowed[..., columns]
+        args = (lm_head, config, eos_index, hidden[:, t0:t1], token_index[:, t0:t1], allowed, columns)
         if torch.is_grad_enabled() and hidden.requires_grad:
             chosen, eos = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:

@@ -22,10 +22,14 @@ def validate(cfg) -> None:
     t, o, x, task, m = cfg.trainer, cfg.objective, cfg.exploration, cfg.task, cfg.model
     need(t.lr > 0, "trainer.lr", t.lr, "a positive learning rate")
     need(t.log_z_lr > 0, "trainer.log_z_lr", t.log_z_lr, "a positive learning rate")
+    need(t.log_z_head_lr > 0, "trainer.log_z_head_lr", t.log_z_head_lr, "a positive learning rate")
     need(t.max_steps >= 0, "trainer.max_steps", t.max_steps, ">= 0")
     need(t.samples_per_prompt >= 1, "trainer.samples_per_prompt", t.samples_per_prompt, ">= 1")
     need(t.prompts_per_step >= 1, "trainer.prompts_per_step", t.prompts_per_step, ">= 1")
     need(t.grad_clip > 0, "trainer.grad_clip", t.grad_clip, "> 0")
+    need(t.lr_schedule in ("constant", "linear", "cosine"), "trainer.lr_schedule", t.lr_schedule,
+         "constant, linear or cosine")
+    need(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
     need(t.warmup_steps >= 0, "trainer.warmup_steps", t.warmup_steps, ">= 0")
     need(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, ">= 0 (0: only at the end)")
     need(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, ">= 1")

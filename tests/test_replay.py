@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gf_odg.errors import ConfigError
-from gf_odg.replay import RANK_K, ReplayBuffer, edit_distances
+from gf_odg.replay import RANK_K, ReplayBuffer, _codes, _levenshtein, edit_distances
 
 
 def tempered(beta):
@@ -45,6 +45,34 @@ def test_edit_distances_match_naive_dp():
         assert got == [naive_levenshtein(query, w) for w in words + ["sitting"]]
     assert edit_distances("kitten", ["sitting"]).tolist() == [3]
     assert edit_distances("abc", [""]).tolist() == [3]
+
+
+def test_bounded_levenshtein_is_exact_up_to_the_bound():
+    rng = random.Random(1)
+    words = ["".join(rng.choice("ab") for _ in range(rng.randint(0, 12))) for _ in range(80)]
+    bound = torch.tensor([rng.randint(0, 4) for _ in words])
+    for query in words[:10]:
+        got = _levenshtein(_codes(query), [_codes(w) for w in words], bound).tolist()
+        exact = [naive_levenshtein(query, w) for w in words]
+        assert got == [d if d <= b else b + 1 for d, b in zip(exact, bound.tolist())]
+
+
+def test_edit_dedup_matches_a_brute_force_reference():
+    rng = random.Random(2)
+    threshold = 0.25
+    buffer = ReplayBuffer(capacity=10_000, dedup="edit", dedup_threshold=threshold)
+    reference = {}  # text -> score, insertion ordered
+    for i in range(300):
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(3, 10)))
+        score = rng.random()
+        near = [t for t in reference if naive_levenshtein(text, t) / max(len(text), len(t)) <= threshold]
+        entered = not any(reference[t] >= score for t in near)
+        if entered:
+            for t in near:
+                del reference[t]
+            reference[text] = score
+        assert buffer.add("p", [i], text, score) == entered
+    assert [(e.text, e.score) for e in buffer.entries()] == list(reference.items())
 
 
 SCORES = [0.0, 1.0, 2.0, 2.0, -1.0, 3.5]
