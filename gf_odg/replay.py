@@ -13,7 +13,8 @@ Deduplication is always between entries of the same prompt:
   - edit: texts at normalised Levenshtein distance d(a, b) / max(|a|, |b|) <= threshold are
     near-duplicates; embedding: cosine(embed(a), embed(b)) >= 1 - threshold.
     A newcomer better than all its near-duplicates replaces them; otherwise it is rejected.
-Exact dedup applies in every mode.
+Exact dedup applies in every mode. A score of -inf (a hard violation), or below `min_score` (raw),
+or a log-reward below `min_log_reward` (config `exploration.replay.min_log_reward`) never enters.
 
 Eviction: when a pool is full, the entry with the lowest score goes, the oldest first among equal
 scores; a newcomer scoring below every stored entry is rejected instead. A full pool of equal scores
@@ -44,6 +45,7 @@ SCOPES = ("prompt", "global")
 PRIORITIES = ("uniform", "rank", "softmax")
 DEDUPS = ("exact", "edit", "embedding")
 STATE_VERSION = 1
+_INF = 1 << 40  # an edit distance no text reaches
 
 LogRewardFn = Callable[[torch.Tensor], torch.Tensor]  # scores [N] -> log-rewards [N]
 EmbedFn = Callable[[list[str]], torch.Tensor]  # texts -> [N, D]
@@ -80,7 +82,7 @@ def _levenshtein(query: torch.Tensor, candidates: list[torch.Tensor],
     whose row minimum of that exceeds its bound is dropped early (checked every few rows).
     """
     n = len(query)
-    lengths = torch.tensor([len(c) for c in candidates], dtype=torch.long)  # [M]
+    lengths = torch.tensor([c.numel() for c in candidates], dtype=torch.long)  # [M]
     if bound is None:
         bound = lengths.clamp(min=n)  # no distance exceeds the longer length
     if not candidates or n == 0 or int(lengths.max()) == 0:
@@ -113,9 +115,6 @@ def _levenshtein(query: torch.Tensor, candidates: list[torch.Tensor],
     return (bound + 1).index_copy(0, alive, torch.minimum(distance, bound.index_select(0, alive) + 1))
 
 
-_INF = 1 << 40
-
-
 @contextmanager
 def _one_thread():
     """Run torch on one thread: dedup works on many small tensors, where the fork-join of intra-op
@@ -135,7 +134,13 @@ def _choice(key: str, value: str, allowed: Sequence[str]) -> str:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, scope: str = "prompt", priority: str = "uniform",
+    """Past trajectories with raw scores, sampled by priority; see the module docstring for the rules.
+
+    Arguments mirror `ReplayConfig` (`from_config` maps them); `embed_fn(texts) -> [N, D]` is needed
+    for `dedup="embedding"`; `min_score` filters raw scores, `min_log_reward` tempered ones.
+    """
+
+    def __init__(self, capacity: int, scope: str = "prompt", priority: str = "softmax",
                  priority_temperature: float = 1.0, dedup: str = "exact", dedup_threshold: float = 0.1,
                  embed_fn: Optional[EmbedFn] = None, min_score: Optional[float] = None,
                  min_log_reward: Optional[float] = None):
@@ -201,8 +206,9 @@ class ReplayBuffer:
                   log_reward_fn: Optional[LogRewardFn] = None) -> list[bool]:
         """Offer trajectories in order, as repeated `add`; embeds all texts in one call."""
         scores = [float(s) for s in scores]
-        if any(math.isnan(s) or s == math.inf for s in scores):
-            raise ValueError(f"replay: scores must be finite or -inf, got {scores}.")
+        bad = [s for s in scores if math.isnan(s) or s == math.inf]
+        if bad:
+            raise ValueError(f"replay: scores must be finite or -inf, got {bad[0]}.")
         extras = list(extras) if extras is not None else [None] * len(scores)
         keep = [s > -math.inf and (self.min_score is None or s >= self.min_score) for s in scores]
         if self.min_log_reward is not None and scores:
@@ -269,7 +275,7 @@ class ReplayBuffer:
     def _edit_near_duplicates(self, candidates: list, feature: tuple) -> list:
         """Keys among (key, features) candidates at normalised edit distance <= threshold from `feature`."""
         codes, histogram = feature
-        lengths = torch.tensor([len(c) for _, (c, _) in candidates])  # [M]
+        lengths = torch.tensor([c.numel() for _, (c, _) in candidates])  # [M]
         bound = (self.dedup_threshold * lengths.clamp(min=len(codes)) + 1e-9).floor().long()  # most edits allowed
         # cheap lower bounds on the distance first: the length gap, and the letter-count (bag) distance
         histograms = torch.stack([h for _, (_, h) in candidates])  # [M, HISTOGRAM_BINS]
@@ -381,6 +387,9 @@ class ReplayBuffer:
                                 item.get("extra"))
             self._pools.setdefault(entry.prompt if self.scope == "prompt" else None, {})[
                 (entry.prompt, entry.tokens)] = entry
-        for pool in self._pools.values():
-            while len(pool) > self.capacity:
-                self._remove(pool, min(pool, key=lambda k: pool[k].score))
+        for name, pool in self._pools.items():
+            if len(pool) > self.capacity:
+                keys = list(pool)  # oldest first; evict as `add` would: lowest score, then oldest
+                order = sorted(range(len(keys)), key=lambda i: (pool[keys[i]].score, i))
+                evict = set(order[: len(keys) - self.capacity])
+                self._pools[name] = {k: pool[k] for i, k in enumerate(keys) if i not in evict}

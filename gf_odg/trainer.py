@@ -96,6 +96,8 @@ class Trainer:
         self.reward = build_reward(cfg.task.reward)  # before the model: a bad _target_ fails fast
         self.model, self.tokenizer, self.base_path = load_policy(cfg.model, cfg.paths, self.device)
         self.task = build_task(cfg.task, self.tokenizer, cfg.model.chat_template, cfg.paths.root, reward=self.reward)
+        if hasattr(self.reward, "bind"):  # rewards that score with the policy's base model (adapters off)
+            self.reward.bind(self.model, self.tokenizer)
         if cfg.objective.name == "subtb" and not hasattr(self.reward, "score_prefixes"):
             raise ConfigError(
                 f"objective=subtb needs a reward that scores every prefix (a `score_prefixes` method); "
@@ -182,7 +184,7 @@ class Trainer:
         t2 = time.perf_counter()
         if replayed:
             traj = merge_replayed(traj, replayed, self.task.constraints.eos_id, self.device)
-            score = torch.cat([score, torch.tensor([float(e["score"]) for _, e in replayed])])
+            score = torch.cat([score, torch.tensor([float(e.score) for _, e in replayed])])
         from_replay = torch.zeros(len(traj), dtype=torch.bool)
         from_replay[len(group):] = True
         timings = {"time/sample": t1 - t0, "time/reward": t2 - t1}
@@ -283,11 +285,11 @@ class Trainer:
     def _add_to_replay(self, batch: StepBatch) -> None:
         if self.replay is None:
             return
-        for i, (tokens, text) in enumerate(zip(batch.traj.token_lists(), batch.traj.texts)):
-            if batch.from_replay[i]:
-                continue
-            prompt = batch.prompts.texts[int(batch.traj.group[i])]
-            self.replay.add(prompt, tuple(tokens), text, float(batch.score[i]))
+        fresh = [i for i in range(len(batch.traj)) if not batch.from_replay[i]]
+        tokens = batch.traj.token_lists()
+        self.replay.add_batch([batch.prompts.texts[int(batch.traj.group[i])] for i in fresh],
+                              [tuple(tokens[i]) for i in fresh], [batch.traj.texts[i] for i in fresh],
+                              [float(batch.score[i]) for i in fresh], log_reward_fn=self._log_reward_fn())
 
     def _step_metrics(self, batch, loss, log_pf, log_r, log_z, diag, beta, grad_norm, finite) -> dict:
         traj = batch.traj
@@ -477,7 +479,7 @@ def save_adapter(model, dest: Path) -> Path:
 
 
 def merge_replayed(traj: Trajectories, replayed: list, eos_id: int, device) -> Trajectories:
-    tokens = [list(e["tokens"]) for _, e in replayed]
+    tokens = [list(e.tokens) for _, e in replayed]
     width = max(traj.tokens.shape[1], max(len(t) for t in tokens))
     out = torch.full((len(traj) + len(tokens), width), eos_id, dtype=torch.long, device=device)
     out[: len(traj), : traj.tokens.shape[1]] = traj.tokens
@@ -485,7 +487,7 @@ def merge_replayed(traj: Trajectories, replayed: list, eos_id: int, device) -> T
         out[len(traj) + i, : len(t)] = torch.tensor(t, device=device)
     lengths = torch.cat([traj.lengths, torch.tensor([len(t) for t in tokens], device=device)])
     group = torch.cat([traj.group.to(device), torch.tensor([row for row, _ in replayed], device=device)])
-    return Trajectories(group=group, tokens=out, lengths=lengths, texts=traj.texts + [e["text"] for _, e in replayed])
+    return Trajectories(group=group, tokens=out, lengths=lengths, texts=traj.texts + [e.text for _, e in replayed])
 
 
 def build_optimizer(name: str, groups: list, device: torch.device):
@@ -510,9 +512,7 @@ def build_replay(cfg):
         from gf_odg.rewards.embedding import embed
 
         embed_fn = embed
-    return ReplayBuffer(capacity=cfg.capacity, scope=cfg.scope, priority=cfg.priority,
-                        priority_temperature=cfg.priority_temperature, dedup=cfg.dedup,
-                        dedup_threshold=cfg.dedup_threshold, embed_fn=embed_fn, min_score=cfg.min_log_reward)
+    return ReplayBuffer.from_config(cfg, embed_fn)
 
 
 def seed_everything(seed: int) -> None:

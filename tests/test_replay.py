@@ -117,13 +117,14 @@ def test_retempering_changes_priorities_not_scores():
 
 
 def test_exact_duplicates_never_enter_twice():
-    buffer = ReplayBuffer(capacity=10)
+    buffer = ReplayBuffer(capacity=10, priority="uniform")
     assert buffer.add("p", [1, 2, 0], "ab", 1.0)
     assert not buffer.add("p", [1, 2, 0], "ab", 0.5)
     assert [e.score for e in buffer.entries()] == [1.0]
     assert not buffer.add("p", torch.tensor([1, 2, 0]), "ab", 3.0)  # raises the stored score
     assert buffer.add("p", [7, 0], "c", 0.0)
     assert [(e.tokens, e.score) for e in buffer.entries()] == [((1, 2, 0), 3.0), ((7, 0), 0.0)]  # age kept
+    assert buffer.entries()[0].score == 3.0 and buffer.entries()[0].text == "ab"
     assert buffer.add("q", [1, 2, 0], "ab", 1.0)  # same tokens, another prompt: another trajectory
     assert len(buffer) == 3 and buffer.size("p") == 2 and buffer.size("q") == 1
     drawn = buffer.sample("p", 500, torch.Generator().manual_seed(1))
@@ -158,7 +159,8 @@ def test_embedding_near_duplicates():
     assert buffer.add("p", [3], "hhgg", 0.0)  # orthogonal
     assert buffer.add("p", [4], "cbaba", 2.0)  # same bag, better: replaces [1]
     assert [e.tokens for e in buffer.entries()] == [(3,), (4,)]
-    assert buffer.add_batch(["p", "p"], [[5], [6]], ["ddd", "hhggg"], [1.0, -1.0]) == [True, False]  # hhggg: cosine 0.98 to hhgg, worse
+    # hhggg is at cosine 0.98 to hhgg, and worse
+    assert buffer.add_batch(["p", "p"], [[5], [6]], ["ddd", "hhggg"], [1.0, -1.0]) == [True, False]
     assert calls[-1] == ["ddd", "hhggg"]  # a batch is embedded in one call
     with pytest.raises(ConfigError, match="exploration.replay.dedup"):
         ReplayBuffer(capacity=10, dedup="embedding")
@@ -243,3 +245,17 @@ def test_state_dict_round_trip(tmp_path):
 def test_constructor_errors_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=rf"exploration\.replay\.{key}="):
         ReplayBuffer(**{"capacity": 10, **kwargs})
+
+
+def test_from_config_maps_every_buffer_key():
+    from gf_odg.config import ReplayConfig
+
+    cfg = ReplayConfig(enabled=True, capacity=7, scope="global", priority="rank", priority_temperature=2.0,
+                       dedup="edit", dedup_threshold=0.2, min_log_reward=-3.0)
+    buffer = ReplayBuffer.from_config(cfg)
+    assert (buffer.capacity, buffer.scope, buffer.priority, buffer.priority_temperature, buffer.dedup,
+            buffer.dedup_threshold, buffer.min_log_reward) == (7, "global", "rank", 2.0, "edit", 0.2, -3.0)
+    threads = torch.get_num_threads()
+    assert buffer.add("p", [1], "abc", 0.0, log_reward_fn=tempered(1.0))
+    assert not buffer.add("p", [2], "xyz", -4.0, log_reward_fn=tempered(1.0))
+    assert torch.get_num_threads() == threads  # edit dedup runs single-threaded, then restores
