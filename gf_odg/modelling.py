@@ -186,6 +186,35 @@ def _hub_errors(name: str):
         raise GFODGError(f"Could not load model {name!r}: {reason}. ({type(err).__name__}: {first_line})") from None
 
 
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick TCP connect to the hub's host (HF_ENDPOINT), instead of minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def ensure_hub_files(path: str, cache_dir: str) -> None:
+    """For a hub id: succeed if it is cached or the hub answers; else one clear error, fast."""
+    if Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json", cache_dir=cache_dir), str):
+        return
+    if not _hub_reachable():
+        raise GFODGError(
+            f"Could not load model {path!r}: it is not in the cache ({cache_dir}) and the Hugging Face hub "
+            "cannot be reached. Download it where the hub is reachable (scripts/prepare_model.py), or point "
+            "model.source=local model.name_or_path=<folder> at a local copy."
+            + ("" if os.environ.get("HF_TOKEN") else " Gated models (Gemma, Llama) also need HF_TOKEN in .env."))
+
+
 def load_tokenizer(path: str, model_cfg: DictConfig, cache_dir: str):
     from transformers import AutoTokenizer
 
@@ -271,6 +300,7 @@ def attach_lora(model, model_cfg: DictConfig):
 def load_policy(model_cfg: DictConfig, paths: DictConfig, device: torch.device):
     """Return (peft_model, tokenizer, base_path): the LM with fresh LoRA adapters, only they trainable."""
     path = base_model_path(model_cfg, paths)
+    ensure_hub_files(path, paths.hf_cache)
     tokenizer = load_tokenizer(path, model_cfg, paths.hf_cache)
     model = load_base_model(path, model_cfg, paths.hf_cache, device)
     model = attach_lora(model, model_cfg)

@@ -92,10 +92,18 @@ def prefill(model, prompts: PromptBatch, group: torch.Tensor, share: bool):
 
 
 def behaviour_probs(logits: torch.Tensor, allowed: torch.Tensor, temperature: torch.Tensor,
-                    epsilon: float) -> torch.Tensor:
-    """q over the vocabulary; logits [N, V] fp32, allowed [N, V] bool, temperature [N]."""
+                    epsilon: float, top_p: float = 1.0) -> torch.Tensor:
+    """q over the vocabulary; logits [N, V] fp32, allowed [N, V] bool, temperature [N].
+    `top_p` < 1 keeps the smallest set of allowed tokens holding that much mass (nucleus decoding,
+    an evaluation baseline; never used for training)."""
     scaled = (logits / temperature.unsqueeze(1)).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already >= p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     if epsilon > 0:
         uniform = allowed.float() / allowed.sum(dim=1, keepdim=True)
         probs = (1 - epsilon) * probs + epsilon * uniform
@@ -115,7 +123,8 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 @torch.no_grad()
 def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constraints: ConstraintSet,
            temperature: torch.Tensor | float = 1.0, epsilon: float = 0.0,
-           generator: torch.Generator | None = None, share_prefill: bool = True) -> Trajectories:
+           generator: torch.Generator | None = None, share_prefill: bool = True,
+           top_p: float = 1.0) -> Trajectories:
     """Draw one completion per entry of `group` (prompt indices), e.g. group = arange(P).repeat_interleave(K)."""
     device = prompts.input_ids.device
     n = group.shape[0]
@@ -135,7 +144,7 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
         allowed = constraints.mask(tokens[:, :t], t)
         if columns is not None:
             allowed = allowed[:, columns]
-        probs = behaviour_probs(logits, allowed, temperature, epsilon)
+        probs = behaviour_probs(logits, allowed, temperature, epsilon, top_p)
         nxt = draw(probs, generator)
         if columns is not None:
             nxt = columns[nxt]

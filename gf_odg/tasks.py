@@ -14,8 +14,35 @@ from gf_odg.errors import ConfigError, GFODGError
 from gf_odg.prompts import load_prompts, render_prompt
 
 
+def _reward_from_name(name: str, key: str):
+    """`task.reward=my_rewards.MyReward` (a class, built with no arguments) or
+    `task.reward=my_rewards.reward_fn` (a TRL-style function, used as it is)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's path or module
+        raise ConfigError(
+            f"{key}={name!r} could not be imported ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}). "
+            "Expected module.Name of a reward class or function importable from the directory you run from."
+        ) from None
+    if inspect.isclass(obj):
+        try:
+            return obj()
+        except TypeError as err:
+            raise ConfigError(f"{key}={name!r}: {err}. Give its arguments in a task config "
+                              f"({key}: {{_target_: {name}, ...}}).") from None
+    if not callable(obj):
+        raise ConfigError(f"{key}={name!r} is a {type(obj).__name__}, not a reward class or function.")
+    return obj
+
+
 def build_reward(reward_cfg, key: str = "task.reward"):
-    """Instantiate a reward from its `_target_` node, turning import failures into a clear error."""
+    """Instantiate a reward from its `_target_` node (or a dotted name), with clear errors."""
+    if isinstance(reward_cfg, str):
+        return _reward_from_name(reward_cfg, key)
     if reward_cfg is None or not OmegaConf.is_config(reward_cfg) or "_target_" not in reward_cfg:
         raise ConfigError(f"{key} must be a config node with a `_target_` naming a reward class or function.")
     target = reward_cfg._target_
