@@ -158,7 +158,7 @@ class TrainerConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     share_prompt_prefill: bool = True
-    score_chunk_rows: int = 512
+    score_chunk_rows: int = 128
     micro_batch_size: int = 0  # 0: score the whole batch at once; else accumulate over micro-batches
     checkpoint_every: int = 50
     keep_checkpoints: int = 2

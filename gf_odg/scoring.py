@@ -72,7 +72,7 @@ def _chunk_logprobs(lm_head, config, eos_index: int, hidden, token_index, allowe
 
 
 def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                       constraints: Optional[ConstraintSet], eos_id: int, chunk_rows: int = 512,
+                       constraints: Optional[ConstraintSet], eos_id: int, chunk_rows: int = 128,
                        want_eos: bool = False) -> TokenLogProbs:
     n, width, _ = hidden.shape
     valid = torch.arange(width, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)  # [N, T]
@@ -110,7 +110,7 @@ def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tens
 
 def score_completions(model, prompts: PromptBatch, group: torch.Tensor, tokens: torch.Tensor,
                       lengths: torch.Tensor, constraints: Optional[ConstraintSet], eos_id: int,
-                      share_prefill: bool = True, chunk_rows: int = 512, want_eos: bool = False) -> TokenLogProbs:
+                      share_prefill: bool = True, chunk_rows: int = 128, want_eos: bool = False) -> TokenLogProbs:
     """log P_F per completion token (gradients follow torch's grad mode)."""
     _, lm_head, config = decoder_and_head(model)
     hidden = completion_hidden(model, prompts, group, tokens, share_prefill)

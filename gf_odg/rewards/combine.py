@@ -5,6 +5,8 @@
 A hard violation stays one whatever its weight; a term with weight 0 is computed and logged but
 does not count. After each call, `last_terms[name]` holds that term's raw scores ([N] tensor, -inf
 included) so that the trainer can log `rewards/<name>/mean` and `rewards/<name>/std`.
+`bind(model, tokenizer)` reaches every term that has it; `score_prefixes` exists (same formula, per
+prefix) when every term with w_i ≠ 0 has one.
 
     reward:
       _target_: gf_odg.rewards.combine.WeightedSum
@@ -44,6 +46,36 @@ class WeightedSum:
                 raise ConfigError(f"{key}.weight={weight} must be a finite number.")
             self.weights[name], self.rewards[name] = weight, self._build(key, term["reward"])
         self.last_terms: dict[str, torch.Tensor] = {}
+        if all(hasattr(r, "score_prefixes") for n, r in self.rewards.items() if self.weights[n] != 0.0):
+            self.score_prefixes = self._score_prefixes  # only then: the trainer tests for it (objective=subtb)
+
+    def bind(self, model, tokenizer) -> None:
+        """Hand the policy (and its tokenizer) to every term that scores with its base model."""
+        for reward in self.rewards.values():
+            if hasattr(reward, "bind"):
+                reward.bind(model, tokenizer)
+
+    def _score_prefixes(self, prompts: list[str], prefixes: list[list[str]], **kwargs) -> torch.Tensor:
+        """[N, T]: Σ_i w_i · score_i(prefix), -inf where a counted term is -inf (or has no column t)."""
+        width = max((len(row) for row in prefixes), default=0)
+        total = torch.zeros(len(prefixes), width)  # [N, T]
+        violated = torch.zeros(len(prefixes), width, dtype=torch.bool)  # [N, T]
+        for name, reward in self.rewards.items():
+            weight = self.weights[name]
+            if weight == 0.0:
+                continue
+            scores = reward.score_prefixes(prompts, prefixes, **kwargs)  # no kwargs: the 2-argument contract
+            scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu()
+            if scores.dim() != 2 or scores.shape[0] != len(prefixes) or scores.shape[1] > width:
+                raise RewardError(f"term {name!r} of the weighted sum: score_prefixes returned shape "
+                                  f"{tuple(scores.shape)} for {len(prefixes)} rows of at most {width} prefixes.")
+            if torch.isnan(scores).any() or (scores == math.inf).any():
+                raise RewardError(f"term {name!r} of the weighted sum: score_prefixes returned NaN or +inf.")
+            scores = torch.cat([scores, torch.full((len(prefixes), width - scores.shape[1]), -math.inf)], dim=1)
+            hard = torch.isneginf(scores)
+            violated |= hard
+            total += weight * scores.masked_fill(hard, 0.0)
+        return total.masked_fill(violated, -math.inf)
 
     @staticmethod
     def _build(key: str, reward: Any):

@@ -1,0 +1,213 @@
+"""Evaluate a trained adapter, or the base model, on its task: scores, constraints, diversity, modes,
+with decoding baselines of the same model drawn in the same run.
+
+    uv run python scripts/evaluate.py eval.adapter=models/adapted_models/<run>
+    uv run python scripts/evaluate.py eval.adapter=models/checkpoints/<run>/step_000060 eval.samples_per_prompt=1000
+    uv run python scripts/evaluate.py eval.adapter=<run> eval.baselines=[temperature_0.7,nucleus_0.95,best_of_n]
+    uv run python scripts/evaluate.py eval.adapter=null eval.baselines=[temperature_1,temperature_0.7]  # the base model
+    uv run python scripts/evaluate.py model=gemma-2b task=... eval.adapter=<run> eval.threshold=0.5 logger=none
+
+The config is the training one (configs/main.yaml: pass the same model=/task=/objective= overrides
+the adapter was trained with) plus `eval:` (configs/eval.yaml). Writes eval.json, samples.jsonl and
+plots/*.png to the run dir (outputs/eval/<date>/<time>/) and logs them to W&B as `logger` says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dotenv import load_dotenv  # noqa: E402
+
+load_dotenv(ROOT / ".env")  # before anything reads the environment
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from gf_odg.config import register_configs  # noqa: E402
+from gf_odg.errors import GFODGError  # noqa: E402
+from gf_odg.evaluation import register_eval_config  # noqa: E402
+
+register_configs()
+register_eval_config()  # after register_configs: main's schema plus the `eval` node
+log = logging.getLogger("gf_odg")
+
+# Reward-vs-diversity plot: the first of these that some decoding reports as a positive number.
+DIVERSITY_AXES = ("semantic_diversity", "distinct_2", "mode_entropy", "unique_fraction")
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    import torch
+
+    from gf_odg.evaluation import (check_eval_config, evaluate_decodings, load_evaluated_policy, mode_targets,
+                                   resolve_adapter, sample_rows)
+    from gf_odg.modelling import resolve_device
+    from gf_odg.tasks import build_reward, build_task
+    from gf_odg.validation import validate
+
+    # Everything a user can mistype fails here, before a model loads.
+    settings = check_eval_config(cfg)
+    validate(cfg)
+    adapter_dir = resolve_adapter(settings.adapter, cfg.paths.adapted_models) if settings.adapter else None
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    torch.manual_seed(settings.seed)
+
+    reward = build_reward(cfg.task.reward)
+    model, tokenizer, base_path = load_evaluated_policy(cfg.model, cfg.paths, device, adapter_dir)
+    task = build_task(cfg.task, tokenizer, cfg.model.chat_template, cfg.paths.root, reward=reward)
+    if hasattr(reward, "bind"):  # rewards that score with the base model (adapters off)
+        reward.bind(model, tokenizer)
+
+    order = [p for p in range(len(task.records)) for _ in range(settings.samples_per_prompt)]
+    results = evaluate_decodings(model, tokenizer, task, order, settings.decodings, settings.metrics,
+                                 settings.batch_size, settings.beta, settings.seed, cfg.trainer.share_prompt_prefill,
+                                 settings.threshold, settings.self_bleu_max_texts, settings.progress)
+
+    rows = [row for _, samples in results.values() for row in sample_rows(task, samples)]
+    with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    plots = make_plots(task, results, settings.beta, run_dir / "plots") if settings.plots else []
+
+    policy_name = settings.decodings[0].name
+    report = {
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "base_model": base_path,
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "n_prompts": len(task.records),
+        "samples_per_prompt": settings.samples_per_prompt,
+        "beta": settings.beta,
+        "seed": settings.seed,
+        "threshold": settings.threshold,
+        "metrics": sorted(settings.metrics),
+        "decodings": {d.name: {"temperature": d.temperature, "top_p": d.top_p, "best_of": d.best_of}
+                      for d in settings.decodings},
+        "policy": results[policy_name][0],
+        "baselines": {name: result for name, (result, _) in results.items() if name != policy_name},
+        "samples": "samples.jsonl",
+        "plots": [str(p.relative_to(run_dir)) for p in plots],
+    }
+    tmp = run_dir / "eval.json.tmp"
+    tmp.write_text(json.dumps(_jsonable(report), indent=2))
+    tmp.replace(run_dir / "eval.json")
+
+    print(f"\nEvaluation of {report['adapter'] or 'the base model ' + base_path} on {task.name} "
+          f"({settings.samples_per_prompt} samples x {len(task.records)} prompts per decoding):")
+    print(format_table({name: result for name, (result, _) in results.items()}))
+    print(f"\nrun dir: {run_dir}")
+    log_to_tracker(cfg, run_dir, report, rows, plots)
+    return report
+
+
+def make_plots(task, results: dict, beta: float, folder: Path) -> list[Path]:
+    """scores.png, modes.png (where the reward lists modes), reward_vs_diversity.png. A baseline
+    that repeats the policy's decoding (temperature_1) repeats its samples and is not drawn twice."""
+    from gf_odg import plots
+    from gf_odg.evaluation import mode_of, mode_targets
+
+    shown = {name: pair for number, (name, pair) in enumerate(results.items())
+             if number == 0 or not pair[1].decoding.is_policy}
+    made = [plots.score_histogram({name: samples.scores.tolist() for name, (_, samples) in shown.items()},
+                                  folder / "scores.png", title=f"Scores on {task.name}")]
+    targets = mode_targets(task, beta)
+    if targets:
+        modes = list(next(iter(targets.values())))
+        pooled = {m: sum(t.get(m, 0.0) for t in targets.values()) / len(targets) for m in modes}  # [modes]
+        counts = {name: Counter(m for m in (mode_of(task, t) for t in samples.texts) if m is not None)
+                  for name, (_, samples) in shown.items()}
+        made.append(plots.mode_histogram(counts, pooled, folder / "modes.png",
+                                         title=f"Modes on {task.name} (valid samples) against the target"))
+    metrics_by_name = {name: result for name, (result, _) in shown.items()}
+    for axis in DIVERSITY_AXES:
+        values = [result.get(axis) for result in metrics_by_name.values()]
+        if any(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+            made.append(plots.reward_vs_diversity(metrics_by_name, folder / "reward_vs_diversity.png", axis))
+            break
+    return made
+
+
+def log_to_tracker(cfg: DictConfig, run_dir: Path, report: dict, rows: list[dict], plots: list[Path]) -> None:
+    """metrics.jsonl in the run dir, and a W&B run (offline without an API key) when `logger` asks."""
+    from gf_odg.tracking import Tracker
+
+    if not (cfg.logger.wandb and cfg.logger.mode != "disabled") and not cfg.logger.jsonl:
+        return
+    adapter = Path(report["adapter"]).name if report["adapter"] else "base"
+    name = cfg.run_name or f"eval-{cfg.task.name}-{cfg.model.name}-{adapter}-{datetime.now():%Y%m%d-%H%M%S}"
+    tracker = Tracker(cfg.logger, run_dir, name, OmegaConf.to_container(cfg, resolve=True))
+    exit_code = 1
+    try:
+        flat = {f"eval/{decoding}/{key}": value
+                for decoding, result in [("policy", report["policy"]), *report["baselines"].items()]
+                for key, value in result.items() if isinstance(value, (int, float))}
+        tracker.log(flat, step=0)
+        tracker.summary(flat)
+        tracker.log_samples(rows[:1000], step=0, key="eval/samples")
+        if tracker.wandb_run is not None and plots:
+            import wandb
+
+            tracker.wandb_run.log({f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plots}, step=0)
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    names = list(results)
+    keys = [k for k in dict.fromkeys(k for r in results.values() for k in r) if k != "n_samples"]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'metric':<32}" + "".join(f"{n:>{width}}" for n in names)]
+    for key in keys:
+        lines.append(f"{key:<32}" + "".join(f"{_fmt(results[n].get(key)):>{width}}" for n in names))
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _jsonable(obj):
+    """JSON with the project's convention for non-finite numbers (as in metrics.jsonl): "inf", "nan"."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from train import quiet_libraries  # imported late: train.py registers the plain schema on import
+
+    quiet_libraries()
+    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, run_dir)
+    except GFODGError as err:
+        print("error: " + " ".join(line.strip() for line in str(err).splitlines()), file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
