@@ -20,6 +20,8 @@ from dotenv import load_dotenv
 
 load_dotenv(Path(__file__).resolve().parent / ".env")  # before anything reads the environment
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.getcwd() not in sys.path:  # a user's reward module (task.reward=my_rewards.MyReward) next to them
+    sys.path.insert(1, os.getcwd())
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

@@ -178,7 +178,7 @@ def check_eval_config(cfg) -> EvalSettings:
         try:
             decoding = parse_decoding(name, max(1, ecfg.best_of_n))
         except ConfigError as err:
-            problems.append(str(err))
+            problems.append(str(err).rstrip("."))
             continue
         if decoding.name in {d.name for d in decodings}:
             problems.append(f"eval.baselines lists {name!r} twice")
@@ -209,12 +209,13 @@ def check_eval_config(cfg) -> EvalSettings:
 # ---------------------------------------------------------------- loading a trained policy
 
 
-def resolve_adapter(adapter: str, adapted_models: str) -> Path:
+def resolve_adapter(adapter: str, paths) -> Path:
     """The folder holding adapter_config.json: `adapter` itself, its `adapter/` (a checkpoint's
-    step_* folder), the step named by its `latest` file (a checkpoint run folder), or the same
-    looked up under `paths.adapted_models` (a bare run name)."""
+    step_* folder), the step named by its `latest` file (a checkpoint run folder); a relative path
+    from the working directory, else from `paths.root`, else under `paths.adapted_models` (a run name)."""
     tried = []
-    for root in (Path(adapter).expanduser(), Path(adapted_models) / adapter):
+    for root in dict.fromkeys((Path(adapter).expanduser(), Path(paths.root) / adapter,
+                               Path(paths.adapted_models) / adapter)):
         candidates = [root, root / "adapter"]
         if (root / "latest").is_file():
             candidates.append(root / (root / "latest").read_text().strip() / "adapter")
@@ -222,8 +223,6 @@ def resolve_adapter(adapter: str, adapted_models: str) -> Path:
             if (folder / "adapter_config.json").is_file():
                 return folder.resolve()
         tried.append(str(root))
-        if Path(adapter).is_absolute():
-            break
     raise GFODGError(
         f"eval.adapter={adapter!r}: no adapter at {' or '.join(tried)} (expected a folder with "
         "adapter_config.json: models/adapted_models/<run>, or a checkpoint models/checkpoints/<run>/step_*)."
@@ -258,10 +257,10 @@ def load_evaluated_policy(model_cfg, paths, device: torch.device, adapter_dir: O
         return model.eval(), tokenizer, base_path
     base_path = base_model_path(model_cfg, paths)
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    mismatch = (f"adapter {adapter_dir} was trained on base model {recorded!r}, but model={model_cfg.name} "
-                f"resolves to {base_path!r}; evaluate it with the model it was trained on (model=... overrides).")
     if not _same_base(recorded, base_path):
-        raise GFODGError(mismatch)
+        raise GFODGError(
+            f"adapter {adapter_dir} was trained on base model {recorded!r}, but model={model_cfg.name} resolves "
+            f"to {base_path!r}; evaluate it with the model it was trained on (model=... overrides).")
     tokenizer = load_tokenizer(base_path, model_cfg, paths.hf_cache)
     model = load_base_model(base_path, model_cfg, paths.hf_cache, device)
     if model_cfg.quantization.load_in_4bit:  # the numerics the adapter was trained under
@@ -271,7 +270,12 @@ def load_evaluated_policy(model_cfg, paths, device: torch.device, adapter_dir: O
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
-        raise GFODGError(mismatch.replace("; evaluate", " (its weight shapes do not fit); evaluate")) from None
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        detail = detail[:240].rstrip(".")
+        raise GFODGError(
+            f"adapter {adapter_dir} does not fit base model {base_path!r} (model={model_cfg.name}; the adapter "
+            f"records {recorded!r}): {detail}. It was made for another base model; evaluate it with that one."
+        ) from None
     return model.eval(), tokenizer, base_path
 
 

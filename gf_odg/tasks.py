@@ -26,7 +26,7 @@ def _reward_from_name(name: str, key: str):
     except Exception as err:  # noqa: BLE001 - any import failure is the user's path or module
         raise ConfigError(
             f"{key}={name!r} could not be imported ({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}). "
-            "Expected module.Name of a reward class or function importable from the directory you run from."
+            "Expected module.Name of a reward class or function importable from the directory you run train.py from (or on PYTHONPATH)."
         ) from None
     if inspect.isclass(obj):
         try:
@@ -55,7 +55,7 @@ def build_reward(reward_cfg, key: str = "task.reward"):
         raise ConfigError(
             f"{key}._target_={target!r} could not be built: {str(cause).strip().splitlines()[-1][:300]}. "
             "Expected an importable callable `(prompts, completions, **kwargs) -> scores` (a module on "
-            "the Python path, e.g. a file my_rewards.py in the directory you run from)."
+            "the Python path, e.g. a file my_rewards.py in the directory you run train.py from)."
         ) from None
     if not callable(reward):
         raise ConfigError(f"{key}._target_={target!r} built a {type(reward).__name__}, which is not callable.")

@@ -266,7 +266,9 @@ class Trainer:
         prefixes = [[self.tokenizer.decode(tokens[:t], skip_special_tokens=True) for t in range(len(tokens))]
                     for tokens in traj.token_lists()]
         prompts = [batch.prompts.texts[int(g)] for g in traj.group]
-        scores = torch.as_tensor(self.reward.score_prefixes(prompts, prefixes), dtype=torch.float32).to(self.device)
+        kwargs = self.task.reward_kwargs([batch.prompt_indices[int(g)] for g in traj.group])
+        scores = torch.as_tensor(self.reward.score_prefixes(prompts, prefixes, **kwargs),
+                                 dtype=torch.float32).to(self.device)
         width = traj.tokens.shape[1]
         if scores.shape[1] < width:
             pad = torch.full((scores.shape[0], width - scores.shape[1]), -math.inf, device=self.device)

@@ -59,7 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     # Everything a user can mistype fails here, before a model loads.
     settings = check_eval_config(cfg)
     validate(cfg)
-    adapter_dir = resolve_adapter(settings.adapter, cfg.paths.adapted_models) if settings.adapter else None
+    adapter_dir = resolve_adapter(settings.adapter, cfg.paths) if settings.adapter else None
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)

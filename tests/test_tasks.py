@@ -3,7 +3,9 @@ and trains, and a user's own reward module runs through train.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import math
 import textwrap
 
@@ -18,6 +20,7 @@ from gf_odg.rewards.lm_likelihood import FluencyGuard, LMLikelihoodReward
 from gf_odg.rewards.rng import RandomIntegerReward
 from gf_odg.tasks import build_task
 from gf_odg.trainer import Trainer
+from gf_odg.validation import validate
 
 # Clean joins (each piece starts with a space or follows one), where tokenising the pieces apart and
 # the whole text at once give the same tokens: the direct computation below tokenises the whole text.
@@ -27,11 +30,11 @@ ENDING = " The end came quickly."
 
 
 @torch.no_grad()
-def direct_logprob(model, tokenizer, context: str, continuation: str) -> float:
+def direct_logprob(model, tokenizer, context: str, continuation: str, adapters: bool = False) -> float:
     """log p(continuation | context) from one full-sequence forward of the plain model (adapters off)."""
     ids = tokenizer.encode(context + continuation)
     start = len(tokenizer.encode(context))
-    with reference_mode(model):
+    with contextlib.nullcontext() if adapters else reference_mode(model):
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     return sum(float(logprobs[j - 1, ids[j]]) for j in range(start, len(ids)))
@@ -42,13 +45,33 @@ def bound(reward, tiny_policy):
     return reward
 
 
+@contextlib.contextmanager
+def trained_adapters(model):
+    """Non-zero LoRA weights for a while (fresh adapters are the identity), restored afterwards."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+
+
 def test_lm_likelihood_equals_a_direct_full_sequence_computation(tiny_policy):
     model, tokenizer = tiny_policy
     prompts = [p for p in PROMPTS for _ in COMPLETIONS]
     completions = COMPLETIONS * len(PROMPTS)
     expected = [direct_logprob(model, tokenizer, p + c, ENDING) for p, c in zip(prompts, completions)]
 
-    scores = bound(LMLikelihoodReward(continuation=ENDING), tiny_policy)(prompts, completions)
+    with trained_adapters(model):  # the reward scores with the base model: adapters off
+        scores = bound(LMLikelihoodReward(continuation=ENDING), tiny_policy)(prompts, completions)
+        policy = [direct_logprob(model, tokenizer, p + c, ENDING, adapters=True) for p, c in zip(prompts, completions)]
+    assert all(abs(a - b) > 1e-2 for a, b in zip(policy, expected))  # the adapters do change the model
     assert scores == pytest.approx(expected, abs=1e-4)
     assert len(set(round(s, 3) for s in scores)) == len(scores)  # the context matters
 
@@ -157,6 +180,7 @@ NEW_TASKS = {
 def test_task_config_builds_and_its_reward_scores_a_plausible_completion(task, cfg_factory, tiny_policy):
     model, tokenizer = tiny_policy
     cfg = cfg_factory("model=tiny-random", f"task={task}")
+    validate(cfg)
     built = build_task(cfg.task, tokenizer, cfg.model.chat_template, cfg.paths.root)
     assert built.name == task and len(built.records) >= 5 and len(built.prompt_tokens) == len(built.records)
     if hasattr(built.reward, "bind"):
@@ -190,23 +214,34 @@ def test_two_training_steps_on_each_task(task, cfg_factory, tmp_path):
 
 MY_REWARDS = '''
     class MyReward:
-        """The user's own reward: 1 for a completion that holds a 7, else 0."""
+        """The user's own reward: 1 for a completion that holds `digit`, else 0."""
+
+        def __init__(self, digit="7"):
+            self.digit = str(digit)
 
         def __call__(self, prompts, completions, **kwargs):
-            return [1.0 if "7" in c else 0.0 for c in completions]
+            return [1.0 if self.digit in c else 0.0 for c in completions]
 '''
 
+# Two ways to replace rng's reward node. `task.reward={...}` alone would merge into it and keep its
+# low/high/target (which MyReward does not take): set it to null first.
+REPLACE_REWARD = {
+    "dotted-name": ["task.reward=my_rewards.MyReward"],  # a class built without arguments, or a function
+    "node": ["task.reward=null", "task.reward={_target_:my_rewards.MyReward,digit:'3'}"],
+}
 
-def test_users_own_reward_module_replaces_the_task_reward(tmp_path):
+
+@pytest.mark.parametrize("form", sorted(REPLACE_REWARD))
+def test_users_own_reward_module_replaces_the_task_reward(form, tmp_path):
     project = tmp_path / "my_project"
     project.mkdir()
     (project / "my_rewards.py").write_text(textwrap.dedent(MY_REWARDS))
-    # `task.reward=null` first: a dict override alone would merge into rng's node and keep low/high/target.
     args = ["model=tiny-random", "logger=none", "trainer.progress=false", "trainer.max_steps=2",
             "trainer.samples_per_prompt=4", "task.evaluation.n_samples=8", "task.evaluation.before_training=false",
-            "task.reward=null", "task.reward={_target_:my_rewards.MyReward}"]
-    # train.py lives elsewhere, so the directory it is run from is not on sys.path: PYTHONPATH puts it there.
-    result = run_train(args, tmp_path, cwd=project, env={"PYTHONPATH": str(project)})
+            *REPLACE_REWARD[form]]
+    # Run from the user's own folder, as the README shows: train.py puts that folder on sys.path.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = run_train(args, tmp_path, cwd=project, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert report["steps"] == 2 and 0.0 <= report["after"]["score_mean"] <= 1.0

@@ -79,7 +79,7 @@ class RandomIntegerReward:
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         return [self._score(c) for c in completions]
 
-    def score_prefixes(self, prompts, prefixes: list[list[str]]) -> torch.Tensor:
+    def score_prefixes(self, prompts, prefixes: list[list[str]], **kwargs) -> torch.Tensor:
         """prefixes[i][t] = the text of completion i's first t tokens; -> [N, T] scores."""
         width = max(len(p) for p in prefixes)
         out = torch.full((len(prefixes), width), -math.inf)

@@ -32,7 +32,7 @@ class TableReward:
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         return [self._lookup(p, c) for p, c in zip(prompts, completions)]
 
-    def score_prefixes(self, prompts, prefixes: list[list[str]]) -> torch.Tensor:
+    def score_prefixes(self, prompts, prefixes: list[list[str]], **kwargs) -> torch.Tensor:
         width = max(len(p) for p in prefixes)
         out = torch.full((len(prefixes), width), -math.inf)
         for i, (prompt, row) in enumerate(zip(prompts, prefixes)):
