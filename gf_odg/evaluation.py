@@ -52,6 +52,7 @@ METRICS = {
     "exact": "exact_kl, exact_tv, exact_valid_mass",
 }
 SLOW_METRICS = frozenset({"self_bleu", "semantic_diversity"})  # MiniLM, quadratic BLEU: off while training
+SELF_BLEU_MAX_TEXTS = 200  # per prompt: 200 texts take about 1 s on a CPU core, 500 about 5 s
 
 
 # ---------------------------------------------------------------- decodings
@@ -115,7 +116,7 @@ class EvalConfig:
     beta: Optional[float] = None  # reward temperature of the target; null: the objective's final beta
     seed: Optional[int] = None  # null: the top-level seed
     exact: Optional[bool] = None  # null: task.evaluation.exact
-    self_bleu_max_texts: int = 200  # self-BLEU is quadratic: a random subset of this many per prompt
+    self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS  # self-BLEU is quadratic: a random subset per prompt
     plots: bool = True
     progress: bool = True
 
@@ -248,8 +249,6 @@ def _same_base(recorded: str, base_path: str) -> bool:
 def load_evaluated_policy(model_cfg, paths, device: torch.device, adapter_dir: Optional[Path]):
     """(model, tokenizer, base_path): the base model with the trained adapter, or with fresh LoRA
     (B = 0: exactly the base model, and `reference_mode` still works) when `adapter_dir` is None."""
-    from peft import PeftModel, prepare_model_for_kbit_training
-
     from gf_odg.modelling import base_model_path, load_base_model, load_policy, load_tokenizer
 
     if adapter_dir is None:
@@ -261,6 +260,8 @@ def load_evaluated_policy(model_cfg, paths, device: torch.device, adapter_dir: O
         raise GFODGError(
             f"adapter {adapter_dir} was trained on base model {recorded!r}, but model={model_cfg.name} resolves "
             f"to {base_path!r}; evaluate it with the model it was trained on (model=... overrides).")
+    from peft import PeftModel, prepare_model_for_kbit_training  # a slow import: after the cheap checks
+
     tokenizer = load_tokenizer(base_path, model_cfg, paths.hf_cache)
     model = load_base_model(base_path, model_cfg, paths.hf_cache, device)
     if model_cfg.quantization.load_in_4bit:  # the numerics the adapter was trained under
@@ -340,7 +341,7 @@ def draw_samples(model, tokenizer, task, prompt_order: list[int], decoding: Deco
 
 
 def sample_task(model, tokenizer, task, n_samples: int, batch_size: int, generator: torch.Generator,
-                share_prefill: bool = True, temperature: float = 1.0, device=None):
+                share_prefill: bool = True, temperature: float = 1.0):
     """n_samples completions spread evenly over the task's prompts -> (texts, prompt_indices, token lists)."""
     order = [i % len(task.records) for i in range(n_samples)]
     samples = draw_samples(model, tokenizer, task, order, Decoding("sample", temperature=temperature), batch_size,
@@ -426,7 +427,7 @@ def _mean(values: Iterable[float]) -> float:
 
 def measure(task, samples: Samples, metric_names: Iterable[str], targets: Optional[dict] = None,
             threshold: Optional[float] = None, embed_fn: Optional[Callable] = None,
-            self_bleu_max_texts: int = 500) -> dict:
+            self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS) -> dict:
     """The metrics named in `metric_names` (keys of METRICS, `exact` excepted) of one set of samples.
 
     Diversity figures (unique fraction, distinct-n, self-BLEU, semantic diversity) are computed
@@ -554,7 +555,8 @@ def exact_metrics(model, tokenizer, task, targets: dict[int, dict[str, float]], 
 def evaluate_decodings(model, tokenizer, task, prompt_order: list[int], decodings: list[Decoding],
                        metric_names: Iterable[str], batch_size: int = 128, beta: float = 1.0, seed: int = 0,
                        share_prefill: bool = True, threshold: Optional[float] = None,
-                       self_bleu_max_texts: int = 500, progress: bool = False) -> dict[str, tuple[dict, Samples]]:
+                       self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS,
+                       progress: bool = False) -> dict[str, tuple[dict, Samples]]:
     """{decoding name: (metrics, samples)}. Every decoding starts from the same seed (common random
     numbers: differences between decodings are not sampling noise of the seed). `exact` applies to
     the policy's own decoding only (temperature 1, no nucleus, one draw)."""

@@ -355,7 +355,7 @@ class Trainer:
             "log_z": self.log_z.state_dict() if self.log_z is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+            "rng": {"python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state()),
                     "torch": torch.get_rng_state(), "behaviour": self.behaviour_gen.get_state(),
                     "sample": self.sample_gen.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -392,7 +392,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(_to_python_state(rng["python"]))
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
         torch.set_rng_state(rng["torch"])
         self.behaviour_gen.set_state(rng["behaviour"])
         self.sample_gen.set_state(rng["sample"])
@@ -521,6 +521,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _numpy_state_to_plain(state) -> list:
+    """np.random state with its key array as a list, so the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_plain(state) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)
 
 
 def _to_python_state(state):

@@ -1,0 +1,100 @@
+"""Reliability: exact resume, signals, incomplete checkpoints, non-finite guards, secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, run_train
+from gf_odg.checkpoints import complete_checkpoints, find_resume
+from gf_odg.tracking import read_offline_run
+
+RESUMABLE = ["model=tiny-random", "trainer.samples_per_prompt=8", "trainer.checkpoint_every=2", "seed=3",
+             "task.evaluation.n_samples=16", "trainer.progress=false", "exploration.replay.enabled=true",
+             "exploration.replay.fraction=0.25", "trainer.lr_schedule=cosine", "trainer.max_steps=6"]
+
+
+def _adapter(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    full = run_train([*RESUMABLE, "run_name=full", "logger=none"], tmp_path / "a")
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    # The same run, killed with SIGKILL after its step-4 checkpoint, then resumed.
+    b = tmp_path / "b"
+    cmd = [sys.executable, str(ROOT / "train.py"), *RESUMABLE, "run_name=cut", "logger=none",
+           f"hydra.run.dir={b}/run", f"paths.checkpoints={b}/checkpoints", f"paths.adapted_models={b}/adapted"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (b / "checkpoints" / "cut" / "step_000004" / "COMPLETE").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "adapted" / "cut").exists()  # it never finished
+    resumed = run_train([*RESUMABLE, "run_name=cut", "logger=none", "resume=auto"], b)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a_adapter, b_adapter = _adapter(tmp_path / "a" / "adapted" / "full"), _adapter(b / "adapted" / "cut")
+    for key in a_adapter:
+        assert torch.allclose(a_adapter[key], b_adapter[key], atol=1e-6), key
+    a_state = torch.load(tmp_path / "a" / "checkpoints" / "full" / "step_000006" / "state.pt", weights_only=True)
+    b_state = torch.load(b / "checkpoints" / "cut" / "step_000006" / "state.pt", weights_only=True)
+    assert torch.allclose(a_state["log_z"]["value"], b_state["log_z"]["value"], atol=1e-6)
+    assert a_state["replay"] == b_state["replay"]
+    a_steps, b_steps = _steps(tmp_path / "a" / "run"), _steps(b / "run")
+    for a_row, b_row in zip(a_steps[-2:], b_steps[-2:]):  # steps 5 and 6 ran after the resume
+        assert a_row["step"] == b_row["step"] and a_row["loss"] == pytest.approx(b_row["loss"], abs=1e-6)
+    a_eval = json.loads((tmp_path / "a" / "run" / "eval.json").read_text())["after"]
+    b_eval = json.loads((b / "run" / "eval.json").read_text())["after"]
+    assert a_eval == b_eval
+
+
+def test_sigterm_checkpoints_and_finishes_the_wandb_run(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny-random", "trainer.max_steps=100000",
+           "trainer.samples_per_prompt=4", "trainer.checkpoint_every=0", "trainer.progress=false",
+           "task.evaluation.before_training=false", "logger.mode=offline", "run_name=term",
+           f"hydra.run.dir={tmp_path}/run", f"paths.checkpoints={tmp_path}/checkpoints",
+           f"paths.adapted_models={tmp_path}/adapted"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((tmp_path / "run" / "metrics.jsonl").exists()
+                                          and (tmp_path / "run" / "metrics.jsonl").stat().st_size > 0):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    found = complete_checkpoints(tmp_path / "checkpoints" / "term")
+    assert found, "no checkpoint after SIGTERM"
+    assert find_resume("auto", tmp_path / "checkpoints", "term") == found[-1]
+    run = read_offline_run(next((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")))
+    assert run["exit_code"] == 0  # finished, not left running
+
+
+def test_a_truncated_checkpoint_is_never_picked(tmp_path):
+    run_dir = tmp_path / "checkpoints" / "r"
+    good = run_dir / "step_000002"
+    (good / "adapter").mkdir(parents=True)
+    torch.save({"step": 2}, good / "state.pt")
+    (good / "COMPLETE").write_text("{}")
+    partial = run_dir / "step_000004"  # crashed mid-write: no COMPLETE, truncated state
+    (partial / "adapter").mkdir(parents=True)
+    (partial / "state.pt").write_bytes(b"\x80\x02truncated")
+    tmp = run_dir / ".step_000006.tmp-123"  # a crash before the rename
+    tmp.mkdir()
+    assert find_resume("auto", tmp_path / "checkpoints", "r") == good
