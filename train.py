@@ -57,8 +57,13 @@ def default_run_name(cfg: DictConfig) -> str:
     return name
 
 
+TABLE_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "n_modes", "kl_to_target",
+              "tv_to_target", "mode_entropy", "exact_kl", "exact_tv", "exact_valid_mass")
+
+
 def format_table(before: dict | None, after: dict) -> str:
-    keys = [k for k, v in after.items() if isinstance(v, (int, float)) and k != "n_samples"]
+    """The headline metrics, before and after training (all of them are in eval.json)."""
+    keys = [k for k in TABLE_KEYS if isinstance(after.get(k), (int, float))]
     lines = [f"{'metric':<20}{'before':>12}{'after':>12}"]
     for key in keys:
         b = before.get(key) if before else None

@@ -94,8 +94,6 @@ class TaskConfig:
     max_new_tokens: int = 16
     constraints: Any = field(default_factory=dict)
     reward: Any = MISSING  # a Hydra `_target_` node: any callable (prompts, completions, **kw) -> scores
-    modes: Optional[str] = None  # how evaluation groups completions into modes (e.g. "integer")
-    target: Any = None  # a known target distribution over modes, for KL/TV
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
@@ -199,8 +197,17 @@ def repo_root() -> str:
     return str(Path(__file__).resolve().parents[1])
 
 
+def binomial_table(n: int, p: float) -> list[float]:
+    """P(k) of Binomial(n, p) for k = 0..n: a ready non-uniform target for the rng task."""
+    from math import comb
+
+    return [comb(int(n), k) * float(p) ** k * (1 - float(p)) ** (int(n) - k) for k in range(int(n) + 1)]
+
+
 def register_configs() -> None:
     """Register the schema and resolvers; idempotent, called by every entry point before composing."""
     ConfigStore.instance().store(name="gf_odg_schema", node=MainConfig)
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", repo_root)
+    if not OmegaConf.has_resolver("binomial_table"):
+        OmegaConf.register_new_resolver("binomial_table", binomial_table)

@@ -69,7 +69,6 @@ class Task:
     reward: Any
     constraints: ConstraintSet
     prompt_tokens: list[list[int]]
-    modes: Optional[str]
     cfg: Any
 
     @property
@@ -90,4 +89,4 @@ def build_task(task_cfg, tokenizer, model_chat_template: bool, root: str, record
     chat = model_chat_template if task_cfg.chat_template is None else task_cfg.chat_template
     tokens = [render_prompt(tokenizer, r["prompt"], chat, task_cfg.system_prompt) for r in records]
     constraints = ConstraintSet.from_config(task_cfg.constraints, tokenizer, task_cfg.max_new_tokens)
-    return Task(task_cfg.name, records, reward, constraints, tokens, task_cfg.modes, task_cfg)
+    return Task(task_cfg.name, records, reward, constraints, tokens, task_cfg)

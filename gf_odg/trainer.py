@@ -421,8 +421,7 @@ class Trainer:
         before = None
         if cfg.task.evaluation.before_training and self.step == 0:
             before = self.evaluate("before")
-        progress = make_progress(cfg.trainer.progress, cfg.trainer.max_steps, self.step)
-        with handle_signals(self):
+        with handle_signals(self), make_progress(cfg.trainer.progress, cfg.trainer.max_steps, self.step) as progress:
             while self.step < cfg.trainer.max_steps and not self.stop_requested:
                 t0 = time.perf_counter()
                 batch = self.collect()
@@ -441,7 +440,6 @@ class Trainer:
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", log_z=f"{metrics.get('log_z', float('nan')):.2f}",
                                      reward=f"{metrics['reward/mean']:.2f}",
                                      valid=f"{metrics['reward/valid_fraction']:.2f}")
-        progress.close()
         self.save_checkpoint()
         if self.stop_requested:
             log.warning("stopped by a signal at step %d; checkpoint saved. Continue with resume=auto run_name=%s",

@@ -88,4 +88,4 @@ def validate(cfg) -> None:
         need(m.tiny is not None, "model.tiny", m.tiny, "a tiny model shape for source=tiny-random")
 
     if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid configuration: " + "; ".join(problems))

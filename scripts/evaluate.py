@@ -50,8 +50,8 @@ DIVERSITY_AXES = ("semantic_diversity", "distinct_2", "mode_entropy", "unique_fr
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     import torch
 
-    from gf_odg.evaluation import (check_eval_config, evaluate_decodings, load_evaluated_policy, mode_targets,
-                                   resolve_adapter, sample_rows)
+    from gf_odg.evaluation import (check_eval_config, evaluate_decodings, load_evaluated_policy, resolve_adapter,
+                                   sample_rows)
     from gf_odg.modelling import resolve_device
     from gf_odg.tasks import build_reward, build_task
     from gf_odg.validation import validate
@@ -198,7 +198,8 @@ def main(cfg: DictConfig) -> None:
     from train import quiet_libraries  # imported late: train.py registers the plain schema on import
 
     quiet_libraries()
-    logging.getLogger("sentence_transformers").setLevel(logging.WARNING)
+    for chatty in ("sentence_transformers", "matplotlib"):  # model-loading and font-cache notices
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, run_dir)

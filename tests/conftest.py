@@ -65,9 +65,9 @@ def tiny_policy():
 
 def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
     """Run train.py as a user would, with run outputs under tmp_path."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *args,
+    cmd = [sys.executable, str(ROOT / "train.py"),
            f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multirun",
-           f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
+           f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted", *args]
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -41,7 +41,7 @@ def enumerable_cfg(tmp_path, objective: str, prompts=None, seeds=None, extra=(),
     seeds = seeds or [0] * len(prompts)
     overrides = [
         "model=tiny-random", "logger=none", "trainer.progress=false", f"objective={objective}",
-        "task.max_new_tokens=4", "task.constraints={allowed:[a,b,c],min_new_tokens:1}", "task.modes=null",
+        "task.max_new_tokens=4", "task.constraints={allowed:[a,b,c],min_new_tokens:1}",
         "task.evaluation.before_training=false", "task.evaluation.n_samples=16", "task.evaluation.exact=false",
         "model.lora.r=8", "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
         "exploration=on_policy", "trainer.samples_per_prompt=32", "trainer.lr=1e-2", "trainer.log_z_lr=0.1",

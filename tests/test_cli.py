@@ -58,3 +58,43 @@ def test_gated_model_without_network_is_one_clear_message(tmp_path):
                        timeout=120)
     _assert_clean_failure(result, "google/gemma-2b", "HF_TOKEN")
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def _fake_checkpoint(folder, state_bytes=None, base="elsewhere"):
+    import torch
+
+    (folder / "adapter").mkdir(parents=True)
+    if state_bytes is None:
+        torch.save({"base_model": base, "step": 1}, folder / "state.pt")
+    else:
+        (folder / "state.pt").write_bytes(state_bytes)
+    (folder / "COMPLETE").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("case", ["corrupt", "other-base-model"])
+def test_bad_checkpoints_are_refused_and_left_alone(tmp_path, case):
+    ckpt = tmp_path / "checkpoints" / "old" / "step_000001"
+    _fake_checkpoint(ckpt, b"not a checkpoint" if case == "corrupt" else None)
+    before = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    result = run_train(["model=tiny-random", f"resume={ckpt}", "run_name=old", "logger=none"], tmp_path)
+    _assert_clean_failure(result, str(ckpt), "corrupt" if case == "corrupt" else "base model")
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+
+
+def test_empty_prompt_file_and_unwritable_output(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    result = run_train(["model=tiny-random", f"task.prompts_file={empty}", "task.prompts=[]", "logger=none"], tmp_path)
+    _assert_clean_failure(result, "task.prompts_file", "no prompts")
+    result = run_train(["model=tiny-random", "logger=none", "paths.checkpoints=/etc/hostname/checkpoints"], tmp_path)
+    _assert_clean_failure(result, "paths.checkpoints", "cannot be written")
+
+
+def test_an_existing_adapter_is_never_overwritten(tmp_path):
+    adapter = tmp_path / "adapted" / "taken"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"precious")
+    result = run_train(["model=tiny-random", "run_name=taken", "logger=none"], tmp_path)
+    _assert_clean_failure(result, "run_name='taken'", "will not be")
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"precious"

@@ -16,7 +16,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yam
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_file_composes_and_validates(group, option):
-    override = f"+{group}={option}" if group in ("experiment", "hparams_search") else f"{group}={option}"
+    override = f"{group}={option}"
     cfg = compose_cfg([override])
     validate(cfg)
     assert cfg.model.name and cfg.task.name and cfg.objective.name

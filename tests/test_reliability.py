@@ -98,3 +98,75 @@ def test_a_truncated_checkpoint_is_never_picked(tmp_path):
     tmp = run_dir / ".step_000006.tmp-123"  # a crash before the rename
     tmp.mkdir()
     assert find_resume("auto", tmp_path / "checkpoints", "r") == good
+
+
+def test_planted_tokens_appear_nowhere(tmp_path):
+    secret_hf, secret_wandb = "hf_PLANTEDsecret1234567890", "wandbPLANTEDkey0987654321"
+    (tmp_path / "home").mkdir()
+    result = run_train(["model=tiny-random", "trainer.max_steps=2", "trainer.samples_per_prompt=4",
+                        "task.evaluation.n_samples=8", "logger.mode=offline", "trainer.checkpoint_every=1"],
+                       tmp_path, env={"HF_TOKEN": secret_hf, "WANDB_API_KEY": secret_wandb, "WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in (result.stdout, result.stderr):
+        assert secret_hf not in text and secret_wandb not in text
+    files = [p for root in ("run", "checkpoints", "adapted") for p in (tmp_path / root).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.parent.name == ".hydra" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert secret_hf.encode() not in data and secret_wandb.encode() not in data, path
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_the_checkpoint_intact(cfg_factory, tmp_path, monkeypatch):
+    from gf_odg.errors import GFODGError
+    from gf_odg.trainer import Trainer
+
+    cfg = cfg_factory(*TINY, "trainer.max_steps=10", "trainer.samples_per_prompt=4", "trainer.max_nonfinite_steps=3")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    trainer.train_step(trainer.collect())
+    trainer.step += 1
+    saved = trainer.save_checkpoint()
+    before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    real = trainer.objective
+    monkeypatch.setattr(trainer, "objective", lambda batch: (real(batch)[0] * float("nan"), real(batch)[1]))
+    for expected in (1, 2):
+        metrics = trainer.train_step(trainer.collect())
+        assert metrics["skipped_step"] == 1.0 and metrics["nonfinite_steps"] == expected
+    after = {k: v for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert all(torch.equal(before[k], after[k]) for k in before)  # skipped steps change nothing
+    with pytest.raises(GFODGError, match="non-finite"):
+        trainer.train_step(trainer.collect())
+    assert (saved / "COMPLETE").is_file() and find_resume("auto", tmp_path / "checkpoints", cfg.run_name) == saved
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("return [float('nan')] * len(completions)", "nan"),
+    ("return [0.0]", "1 scores for"),
+    ("raise ValueError('boom')", "boom"),
+], ids=["nan", "wrong-count", "raises"])
+def test_a_bad_reward_is_a_clear_error_naming_it(tmp_path, body, needle):
+    (tmp_path / "bad_rewards.py").write_text(f"def bad(prompts, completions, **kwargs):\n    {body}\n")
+    result = run_train(["model=tiny-random", "trainer.max_steps=2", "logger=none",
+                        "task.evaluation.before_training=false", "task.reward=bad_rewards.bad"], tmp_path, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: reward 'bad'") and needle in last, last
+    assert not (tmp_path / "adapted").exists() or not any((tmp_path / "adapted").iterdir())
+
+
+def test_the_same_seed_gives_the_same_metrics_step_for_step(cfg_factory, tmp_path):
+    from gf_odg.trainer import Trainer
+
+    runs = []
+    for name in ("one", "two"):
+        cfg = cfg_factory(*TINY, "trainer.samples_per_prompt=8", "exploration=replay", "seed=7")
+        trainer = Trainer(cfg, tmp_path / name)
+        trainer.setup()
+        rows = []
+        for _ in range(3):
+            metrics = trainer.train_step(trainer.collect())
+            trainer.step += 1
+            rows.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
+        runs.append(rows)
+    assert runs[0] == runs[1]
