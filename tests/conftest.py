@@ -65,9 +65,11 @@ def tiny_policy():
 
 def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
     """Run train.py as a user would, with run outputs under tmp_path."""
-    cmd = [sys.executable, str(ROOT / "train.py"),
+    flags = [a for a in args if a.startswith("-") and not a.startswith("~")]
+    overrides = [a for a in args if a not in flags]  # after ours, so that a test's own paths win
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags,
            f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/multirun",
-           f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted", *args]
+           f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted", *overrides]
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 

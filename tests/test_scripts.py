@@ -1,0 +1,41 @@
+"""The README's sweep and benchmark commands, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_train
+from gf_odg.tracking import read_offline_run
+
+
+def test_a_two_by_two_multirun_gives_four_finished_runs(tmp_path):
+    result = run_train(["-m", "model=tiny-random", "objective=tb,vargrad", "seed=0,1", "trainer.max_steps=2",
+                        "trainer.samples_per_prompt=4", "task.evaluation.n_samples=8",
+                        "task.evaluation.before_training=false", "trainer.progress=false", "logger.mode=offline"],
+                       tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    run_ids = set()
+    for job in jobs:
+        assert (job / "eval.json").is_file()
+        wandb_file = next((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert read_offline_run(wandb_file)["exit_code"] == 0
+        run_ids.add(wandb_file.stem)
+    assert len(run_ids) == 4
+    assert len(list((tmp_path / "adapted").iterdir())) == 4  # one adapter per job, none overwritten
+
+
+def test_benchmark_script_runs_on_the_tiny_model(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random", "--quick",
+                             "--sections", "prefill,memory,overhead", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "benchmark.json").read_text())
+    assert {r["prompt"] for r in report["prefill"]} == {"rng (chat prompt)", "few-shot (long prompt)"}
+    assert all(r["speedup_step"] > 0 for r in report["prefill"])
+    assert report["memory"]["peak_mb_naive"] > 0 and report["overhead"]["overhead_ratio"] > 0
+    assert (out / "benchmark.md").read_text().startswith("Machine:") and (out / "benchmark.png").stat().st_size > 0
