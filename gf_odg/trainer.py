@@ -437,9 +437,11 @@ class Trainer:
                 if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
                     self.save_checkpoint()
                 progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", log_z=f"{metrics.get('log_z', float('nan')):.2f}",
-                                     reward=f"{metrics['reward/mean']:.2f}",
-                                     valid=f"{metrics['reward/valid_fraction']:.2f}")
+                shown = {"loss": f"{metrics['loss']:.3f}", "reward": f"{metrics['reward/mean']:.2f}",
+                         "valid": f"{metrics['reward/valid_fraction']:.2f}"}
+                if "log_z" in metrics:
+                    shown["log_z"] = f"{metrics['log_z']:.2f}"
+                progress.set_postfix(shown)
         self.save_checkpoint()
         if self.stop_requested:
             log.warning("stopped by a signal at step %d; checkpoint saved. Continue with resume=auto run_name=%s",
