@@ -365,7 +365,8 @@ def mode_targets(task, beta: float) -> Optional[dict[int, dict[str, float]]]:
     for p in range(len(task.records)):
         scores = call_reward(reward, [task.prompts[p]] * len(modes), modes, **task.reward_kwargs([p] * len(modes)))
         if torch.isfinite(scores).any():
-            targets[p] = {m: float(w) for m, w in zip(modes, torch.softmax(scores / beta, dim=0))}
+            # float64: a peaked target (Binomial tails near 1e-50) must not underflow to a zero mass
+            targets[p] = {m: float(w) for m, w in zip(modes, torch.softmax(scores.double() / beta, dim=0))}
     return targets or None
 
 
