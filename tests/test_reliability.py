@@ -61,7 +61,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert a_row["step"] == b_row["step"] and a_row["loss"] == pytest.approx(b_row["loss"], abs=1e-6)
     a_eval = json.loads((tmp_path / "a" / "run" / "eval.json").read_text())["after"]
     b_eval = json.loads((b / "run" / "eval.json").read_text())["after"]
-    assert a_eval == b_eval
+    assert a_eval == pytest.approx(b_eval, abs=1e-9, nan_ok=True)  # sums over sets: last-bit order effects
 
 
 def test_sigterm_checkpoints_and_finishes_the_wandb_run(tmp_path):
