@@ -46,6 +46,8 @@ class StepBatch:
     score: torch.Tensor  # [N]
     from_replay: torch.Tensor  # [N] bool
     timings: dict = field(default_factory=dict)
+    temperature_mean: float = 1.0  # the behaviour policy of the fresh samples
+    epsilon: float = 0.0
 
 
 class Trainer:
@@ -188,10 +190,8 @@ class Trainer:
         from_replay = torch.zeros(len(traj), dtype=torch.bool)
         from_replay[len(group):] = True
         timings = {"time/sample": t1 - t0, "time/reward": t2 - t1}
-        batch = StepBatch(prompts, indices, traj, score, from_replay, timings)
-        batch.temperature_mean = float(temps.mean()) if len(temps) else 1.0
-        batch.epsilon = eps
-        return batch
+        return StepBatch(prompts, indices, traj, score, from_replay, timings,
+                         temperature_mean=float(temps.mean()) if len(temps) else 1.0, epsilon=eps)
 
     def _log_reward_fn(self):
         beta = beta_at(self.cfg.objective, self.step)
@@ -257,7 +257,7 @@ class Trainer:
         t2 = time.perf_counter()
         metrics = self._step_metrics(batch, loss, log_pf, log_r, log_z, diag, beta, grad_norm, finite)
         metrics.update(batch.timings)
-        metrics.update({"time/score_backward": t1 - t0 + (t2 - t1)})
+        metrics["time/score_backward"] = t2 - t0  # reference pass, scoring, backward, optimiser
         self._add_to_replay(batch)
         return metrics
 
