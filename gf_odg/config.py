@@ -101,7 +101,7 @@ class TaskConfig:
 class ObjectiveConfig:
     name: str = MISSING  # tb | vargrad | subtb | rloo
     log_z: str = "scalar"  # scalar | conditioned (tb only)
-    log_z_init: float = 0.0
+    log_z_init: Optional[float] = 0.0  # null: from the first batch, mean(log R - log P_F)
     log_z_hidden: int = 64
     beta: float = 1.0  # reward temperature: log R = score / beta + lambda * log p_ref
     beta_end: Optional[float] = None

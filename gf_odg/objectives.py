@@ -143,6 +143,10 @@ class ScalarLogZ(nn.Module):
     def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:  # [P, H] -> [P]
         return self.value.expand(prompt_features.shape[0])
 
+    @torch.no_grad()
+    def initialise(self, value: float) -> None:
+        self.value.fill_(value)
+
 
 class ConditionedLogZ(nn.Module):
     """Prompt-conditioned log Z(x): a small MLP on the frozen (adapters off) representation of the
@@ -157,6 +161,10 @@ class ConditionedLogZ(nn.Module):
 
     def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:
         return self.offset + self.net(prompt_features.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def initialise(self, value: float) -> None:
+        self.offset.fill_(value)
 
     def param_groups(self, lr: float, head_lr: float) -> list[dict]:
         """The shared offset learns at log Z's rate; the MLP, whose steps move every prompt's log Z
@@ -181,8 +189,9 @@ def build_objective(cfg):
 def build_log_z(cfg, hidden_size: int) -> Optional[nn.Module]:
     if cfg.name not in ("tb", "subtb"):
         return None
+    init = 0.0 if cfg.log_z_init is None else cfg.log_z_init  # None: set from the first batch
     if cfg.log_z == "scalar":
-        return ScalarLogZ(cfg.log_z_init)
+        return ScalarLogZ(init)
     if cfg.log_z == "conditioned":
-        return ConditionedLogZ(hidden_size, cfg.log_z_hidden, cfg.log_z_init)
+        return ConditionedLogZ(hidden_size, cfg.log_z_hidden, init)
     raise ConfigError(f"objective.log_z={cfg.log_z!r} is not one of scalar, conditioned.")

@@ -224,6 +224,10 @@ class Trainer:
         log_pf = lp.total().float()
         log_z = None
         if self.log_z is not None:
+            if ocfg.log_z_init is None and self.step == 0:
+                # log Z from the first batch: with long completions log P_F is around -100 and a
+                # log Z started at 0 would need a thousand steps at log_z_lr = 0.1 to get there.
+                self.log_z.initialise(float((log_r - log_pf.detach()).mean()))
             log_z = self.log_z(self._prompt_features(batch.prompt_indices))[group]
         obj_batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_r.detach(), score=score, group=group, log_z=log_z,
                                    log_ref=log_ref, lengths=traj.lengths.to(dev))

@@ -118,3 +118,15 @@ def test_rloo_concentrates_far_from_the_target(tmp_path):
     cfg = enumerable_cfg(tmp_path, "rloo", extra=["trainer.max_steps=400", *EXACT])
     trainer = _train(cfg, tmp_path)
     assert min(exact_tvs(trainer)) >= 0.5
+
+
+def test_log_z_can_start_from_the_first_batch(cfg_factory, tmp_path):
+    cfg = cfg_factory("model=tiny-random", "logger=none", "trainer.progress=false", "objective.log_z_init=null",
+                      "trainer.samples_per_prompt=8", "trainer.log_z_lr=1e-8", "trainer.lr=1e-8")
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    batch = trainer.collect()
+    metrics = trainer.train_step(batch)
+    # With negligible learning rates, log Z stays where the first batch put it: the mean residual is 0.
+    assert abs(metrics["residual/mean"]) < 1e-3
+    assert abs(float(trainer.log_z.value) - metrics["log_z"]) < 1e-3 and abs(metrics["log_z"]) > 1.0
