@@ -3,6 +3,7 @@
     uv run python train.py                                  # embedded SmolLM2, rng task, TB
     uv run python train.py model=gemma-2b objective=vargrad
     uv run python train.py -m objective=tb,vargrad seed=0,1 # a sweep
+    uv run accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 train.py
 
 Compose (Hydra) -> validate -> build the trainer -> evaluate, train, evaluate -> eval.json.
 """
@@ -13,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gf_odg.config import register_configs  # noqa: E402
+from gf_odg.distributed import Dist, launch_time, share_launch_time  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
 
 register_configs()
@@ -50,7 +51,7 @@ def quiet_libraries() -> None:
 
 def default_run_name(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = launch_time().strftime("%Y%m%d-%H%M%S")
     name = f"{cfg.task.name}-{cfg.objective.name}-{cfg.model.name}-{stamp}"
     if hydra_cfg.mode.name == "MULTIRUN":
         name += f"-{hydra_cfg.job.num}"
@@ -90,7 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         exit_code = 0
     finally:
         trainer.close(exit_code)
-    if summary.get("interrupted"):
+    if summary.get("interrupted") or not trainer.dist.is_main:
         return summary
     result = {"run_name": cfg.run_name, "steps": summary["steps"], "adapter": summary["adapter"],
               "before": summary["before"], "after": summary["after"]}
@@ -122,5 +123,18 @@ def main(cfg: DictConfig):
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def prepare_processes() -> None:
+    """Under `accelerate launch` / `torchrun`: join the process group, agree on one launch time (one
+    Hydra run dir, one run name), and let only rank 0 write Hydra's files and the main log."""
+    dist = Dist()
+    if not dist.enabled:
+        return
+    share_launch_time(dist)
+    if not dist.is_main:
+        sys.argv += ["hydra.output_subdir=null",
+                     f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/train_rank{dist.rank}.log"]
+
+
 if __name__ == "__main__":
+    prepare_processes()
     main()

@@ -204,10 +204,19 @@ def binomial_table(n: int, p: float) -> list[float]:
     return [comb(int(n), k) * float(p) ** k * (1 - float(p)) ** (int(n) - k) for k in range(int(n) + 1)]
 
 
+def launch_time():
+    from gf_odg.distributed import launch_time as shared
+
+    return shared()
+
+
 def register_configs() -> None:
     """Register the schema and resolvers; idempotent, called by every entry point before composing."""
     ConfigStore.instance().store(name="gf_odg_schema", node=MainConfig)
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", repo_root)
+    if not OmegaConf.has_resolver("launch_time"):
+        # Hydra's ${now:...}, but the same in every process of a multi-process launch (one run dir).
+        OmegaConf.register_new_resolver("launch_time", lambda fmt: launch_time().strftime(fmt), use_cache=True)
     if not OmegaConf.has_resolver("binomial_table"):
         OmegaConf.register_new_resolver("binomial_table", binomial_table)

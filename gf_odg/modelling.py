@@ -284,7 +284,8 @@ def attach_lora(model, model_cfg: DictConfig):
 
     if model_cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing
+            model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -294,7 +295,10 @@ def attach_lora(model, model_cfg: DictConfig):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none",
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    # Read by scoring.completion_hidden, which switches the layers' checkpointing on per pass.
+    model.gf_odg_checkpointing = bool(model_cfg.gradient_checkpointing)
+    return model
 
 
 def load_policy(model_cfg: DictConfig, paths: DictConfig, device: torch.device):

@@ -14,6 +14,7 @@ ever materialised; with a 128k vocabulary that tensor alone is gigabytes.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,18 +36,66 @@ class TokenLogProbs:
         return self.token.sum(dim=1)  # [N]
 
 
+@contextmanager
+def layer_checkpointing(decoder, enabled: bool, with_cache: bool = False):
+    """Activation checkpointing of the decoder layers for one pass.
+
+    transformers checkpoints a layer only when the layer's own `training` flag is set (and
+    `gradient_checkpointing_enable` ran); the policy runs in eval mode (no dropout), so the flag of
+    the layer modules alone, not of their children, is switched for the pass. `with_cache`: the
+    pass reads a KV cache that `read_only_cache` made safe to replay in backward.
+    """
+    layers = [m for m in getattr(decoder, "layers", []) if getattr(m, "gradient_checkpointing", False)]
+    if not enabled or not layers:
+        yield
+        return
+    saved = [(m.training, m.__dict__.get("_can_checkpoint_with_cache")) for m in layers]
+    for m in layers:
+        m.training = True
+        if with_cache:
+            m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, (training, can) in zip(layers, saved):
+            m.training = training
+            if can is None:
+                m.__dict__.pop("_can_checkpoint_with_cache", None)
+            else:
+                m._can_checkpoint_with_cache = can
+
+
+def read_only_cache(cache):
+    """Make a prompt's KV cache return prompt + new keys without storing the new ones, so a
+    checkpointed layer recomputed in backward sees exactly what it saw in forward."""
+    for layer in cache.layers:
+        keys, values = layer.keys, layer.values
+
+        def update(key_states, value_states, *args, _k=keys, _v=values, **kwargs):
+            return torch.cat([_k, key_states], dim=-2), torch.cat([_v, value_states], dim=-2)
+
+        layer.update = update
+    return cache
+
+
 def completion_hidden(model, prompts: PromptBatch, group: torch.Tensor, tokens: torch.Tensor,
                       share_prefill: bool = True) -> torch.Tensor:
-    """Hidden states that predict each completion token: [N, T, H] (position t predicts y_t)."""
+    """Hidden states that predict each completion token: [N, T, H] (position t predicts y_t).
+
+    With `model.gradient_checkpointing: true` in the config and gradients on, the completion pass
+    is checkpointed layer by layer (the prompt pass, one row per distinct prompt, is not).
+    """
     decoder, _, _ = decoder_and_head(model)
+    checkpointed = torch.is_grad_enabled() and bool(getattr(model, "gf_odg_checkpointing", False))
     n, width = tokens.shape
     if not share_prefill:
         # Per-sample teacher forcing: prompt and completion in one pass, no cache.
         ids = torch.cat([prompts.input_ids[group], tokens[:, : width - 1]], dim=1)
         mask = torch.cat([prompts.attention_mask[group],
                           torch.ones((n, width - 1), dtype=torch.long, device=tokens.device)], dim=1)
-        hidden, _ = run_decoder(decoder, input_ids=ids, attention_mask=mask,
-                                position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+        with layer_checkpointing(decoder, checkpointed):
+            hidden, _ = run_decoder(decoder, input_ids=ids, attention_mask=mask,
+                                    position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
         start = prompts.input_ids.shape[1] - 1
         return hidden[:, start: start + width]
     last_hidden, cache, attn, prompt_len = prefill(model, prompts, group, share=True)
@@ -54,8 +103,11 @@ def completion_hidden(model, prompts: PromptBatch, group: torch.Tensor, tokens: 
         return last_hidden.unsqueeze(1)
     attn = torch.cat([attn, torch.ones((n, width - 1), dtype=attn.dtype, device=tokens.device)], dim=1)
     positions = prompt_len.unsqueeze(1) + torch.arange(width - 1, device=tokens.device)
-    hidden, _ = run_decoder(decoder, cache, input_ids=tokens[:, : width - 1], attention_mask=attn,
-                            position_ids=positions, use_cache=True)
+    if checkpointed:
+        cache = read_only_cache(cache)
+    with layer_checkpointing(decoder, checkpointed, with_cache=True):
+        hidden, _ = run_decoder(decoder, cache, input_ids=tokens[:, : width - 1], attention_mask=attn,
+                                position_ids=positions, use_cache=True)
     return torch.cat([last_hidden.unsqueeze(1), hidden], dim=1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -23,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gf_odg import checkpoints, exploration
+from gf_odg.distributed import Dist, merge_metrics
 from gf_odg.errors import CheckpointError, ConfigError, GFODGError
 from gf_odg.evaluation import evaluate
 from gf_odg.log_reward import beta_at, log_reward
@@ -55,7 +57,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_name = cfg.run_name
+        self.dist = Dist()
         self.device = resolve_device(cfg.trainer.device)
+        if self.dist.enabled and self.device.type == self.dist.device.type:
+            self.device = self.dist.device  # each process its own GPU (QLoRA: the whole model on it)
         self.stop_requested = False
         self.step = 0
         self.nonfinite_in_row = 0
@@ -83,7 +88,7 @@ class Trainer:
             folder = Path(self.cfg.paths[key])
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / f".write-test-{id(self)}"
+                probe = folder / f".write-test-{os.getpid()}-{id(self)}"
                 probe.write_text("ok")
                 probe.unlink()
             except OSError as err:
@@ -96,7 +101,11 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.threads)
         seed_everything(cfg.seed)
         self.reward = build_reward(cfg.task.reward)  # before the model: a bad _target_ fails fast
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 first: it converts or downloads the base model once
         self.model, self.tokenizer, self.base_path = load_policy(cfg.model, cfg.paths, self.device)
+        if self.dist.is_main:
+            self.dist.barrier()
         self.task = build_task(cfg.task, self.tokenizer, cfg.model.chat_template, cfg.paths.root, reward=self.reward)
         if hasattr(self.reward, "bind"):  # rewards that score with the policy's base model (adapters off)
             self.reward.bind(self.model, self.tokenizer)
@@ -118,14 +127,19 @@ class Trainer:
             groups.append({"params": list(self.log_z.parameters()), "lr": cfg.trainer.log_z_lr, "weight_decay": 0.0})
         self.optimizer = build_optimizer(cfg.trainer.optimizer, groups, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.trainer))
-        self.behaviour_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
+        # The same seed everywhere gives every process the same LoRA initialisation and prompt order;
+        # the samples and the behaviour policy's draws differ per process.
+        offset = 1009 * self.dist.rank
+        self.behaviour_gen = torch.Generator().manual_seed(cfg.seed + 1 + offset)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 2 + offset)
+        self.prompt_gen = torch.Generator().manual_seed(cfg.seed + 3)
         self.replay = build_replay(cfg.exploration.replay)
         self.wandb_id = None
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        self.tracker = Tracker(cfg.logger, self.run_dir, self.run_name, self._config_dict(), resume_id=self.wandb_id)
-        self.tracker.summary(model_summary(self.model))
+        self.tracker = Tracker(cfg.logger, self.run_dir, self.run_name, self._config_dict(), resume_id=self.wandb_id,
+                               enabled=self.dist.is_main)
+        self.tracker.summary({**model_summary(self.model), "world_size": self.dist.world_size})
 
     def _config_dict(self) -> dict:
         return OmegaConf.to_container(self.cfg, resolve=True)
@@ -152,10 +166,13 @@ class Trainer:
                                  self.tokenizer.pad_token_id, self.device)
 
     def _choose_prompts(self) -> list[int]:
+        """`prompts_per_step` prompts for this process: its slice of one shared draw for all processes."""
         n = len(self.task.records)
         k = self.cfg.trainer.prompts_per_step
-        order = torch.randperm(n, generator=self.behaviour_gen).tolist()
-        return [order[i % n] for i in range(k)] if k > n else order[:k]
+        total, start = k * self.dist.world_size, k * self.dist.rank
+        order = torch.randperm(n, generator=self.prompt_gen).tolist()
+        chosen = [order[i % n] for i in range(total)]
+        return chosen[start: start + k]
 
     def collect(self) -> StepBatch:
         """Sample K completions per prompt (some replayed), and score them with the reward."""
@@ -218,16 +235,35 @@ class Trainer:
         score = batch.score.to(dev)
         log_r = log_reward(score, beta, ocfg.log_reward_min, ocfg.ref_weight, log_ref)
         want_eos = ocfg.name == "subtb"
-        lp = score_completions(self.model, batch.prompts, group, traj.tokens.to(dev), traj.lengths.to(dev),
-                               self.task.constraints, self.task.constraints.eos_id, cfg.trainer.share_prompt_prefill,
-                               cfg.trainer.score_chunk_rows, want_eos=want_eos)
+        tokens, lengths = traj.tokens.to(dev), traj.lengths.to(dev)
+
+        def score_rows(rows):
+            return score_completions(self.model, batch.prompts, group[rows], tokens[rows], lengths[rows],
+                                     self.task.constraints, self.task.constraints.eos_id,
+                                     cfg.trainer.share_prompt_prefill, cfg.trainer.score_chunk_rows, want_eos=want_eos)
+
+        micro = cfg.trainer.micro_batch_size
+        accumulate = 0 < micro < len(traj)
+        everything = slice(None)
+        if accumulate:
+            # Micro-batching: log P_F of the whole batch without gradients first; the loss is then a
+            # function of those numbers (leaves), and after its backward each micro-batch is rescored
+            # with gradients and backpropagated with the leaves' gradients: the same gradient as one
+            # pass over the batch, with the activations of only `micro_batch_size` samples held at once.
+            with torch.no_grad():
+                lp = score_rows(everything)
+            lp.token = lp.token.float().requires_grad_()
+            if want_eos:
+                lp.eos = lp.eos.float().requires_grad_()
+        else:
+            lp = score_rows(everything)
         log_pf = lp.total().float()
         log_z = None
         if self.log_z is not None:
             if ocfg.log_z_init is None and self.step == 0:
                 # log Z from the first batch: with long completions log P_F is around -100 and a
                 # log Z started at 0 would need a thousand steps at log_z_lr = 0.1 to get there.
-                self.log_z.initialise(float((log_r - log_pf.detach()).mean()))
+                self.log_z.initialise(self.dist.mean(float((log_r - log_pf.detach()).mean())))
             log_z = self.log_z(self._prompt_features(batch.prompt_indices))[group]
         obj_batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_r.detach(), score=score, group=group, log_z=log_z,
                                    log_ref=log_ref, lengths=traj.lengths.to(dev))
@@ -238,11 +274,14 @@ class Trainer:
         loss, diag = self.objective(obj_batch)
         t1 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        finite = self.dist.all_true(bool(torch.isfinite(loss)))  # every process skips, or none does
         grad_norm = float("nan")
         if finite:
             loss.backward()
+            if accumulate:
+                self._backward_micro_batches(score_rows, lp, len(traj), micro)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.dist.average_gradients(params)  # data parallel: the mean gradient over processes
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip))
             finite = math.isfinite(grad_norm)
         if finite:
@@ -264,6 +303,20 @@ class Trainer:
         metrics["time/score_backward"] = t2 - t0  # reference pass, scoring, backward, optimiser
         self._add_to_replay(batch)
         return metrics
+
+    @staticmethod
+    def _backward_micro_batches(score_rows, leaves, n: int, micro: int) -> None:
+        for start in range(0, n, micro):
+            rows = slice(start, min(n, start + micro))
+            part = score_rows(rows)
+            if leaves.token.grad is None:  # the loss did not use log P_F (nothing to propagate)
+                return
+            surrogate = (part.token.float() * leaves.token.grad[rows]).sum()
+            if leaves.eos is not None and leaves.eos.grad is not None:
+                eos_grad = leaves.eos.grad[rows]
+                terms = part.eos.float() * eos_grad
+                surrogate = surrogate + torch.where(eos_grad != 0, terms, torch.zeros_like(terms)).sum()
+            surrogate.backward()
 
     def _prefix_log_rewards(self, batch: StepBatch, beta: float, ref_lp) -> torch.Tensor:
         traj = batch.traj
@@ -353,28 +406,43 @@ class Trainer:
         return m
 
     # ----------------------------------------------------------------- checkpoints
-    def _state(self) -> dict:
+    def _process_state(self) -> dict:
+        """What differs between processes: RNG streams and the replay buffer."""
+        return {
+            "rng": {"python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state()),
+                    "torch": torch.get_rng_state(), "behaviour": self.behaviour_gen.get_state(),
+                    "sample": self.sample_gen.get_state().cpu(), "prompt": self.prompt_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "replay": self.replay.state_dict() if self.replay is not None else None,
+        }
+
+    def _state(self, processes: Optional[list] = None) -> dict:
+        own = processes[0] if processes else self._process_state()
         return {
             "step": self.step,
             "log_z": self.log_z.state_dict() if self.log_z is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": _numpy_state_to_plain(np.random.get_state()),
-                    "torch": torch.get_rng_state(), "behaviour": self.behaviour_gen.get_state(),
-                    "sample": self.sample_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "replay": self.replay.state_dict() if self.replay is not None else None,
+            "rng": own["rng"],
+            "replay": own["replay"],
+            "processes": processes if processes and len(processes) > 1 else None,
             "nonfinite_total": self.nonfinite_total,
             "wandb_id": self.tracker.run_id if getattr(self, "tracker", None) else self.wandb_id,
             "base_model": self.base_path,
             "run_name": self.run_name,
         }
 
-    def save_checkpoint(self) -> Path:
-        config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
-        path = checkpoints.save_checkpoint(Path(self.cfg.paths.checkpoints) / self.run_name, self.step, self.model,
-                                           self._state(), config_yaml, self.cfg.trainer.keep_checkpoints)
-        log.info("checkpoint: %s", path)
+    def save_checkpoint(self) -> Optional[Path]:
+        """Rank 0 writes the checkpoint, with every process's RNG streams and replay buffer in it."""
+        processes = self.dist.gather(self._process_state()) if self.dist.enabled else None
+        path = None
+        if self.dist.is_main:
+            config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
+            path = checkpoints.save_checkpoint(Path(self.cfg.paths.checkpoints) / self.run_name, self.step,
+                                               self.model, self._state(processes), config_yaml,
+                                               self.cfg.trainer.keep_checkpoints)
+            log.info("checkpoint: %s", path)
+        self.dist.barrier()
         return path
 
     def _restore(self, path: Path) -> None:
@@ -394,23 +462,41 @@ class Trainer:
             self.log_z.load_state_dict(state["log_z"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
+        processes = state.get("processes") or None
+        saved_world = len(processes) if processes else 1
+        if saved_world != self.dist.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {saved_world} training process(es); this launch has "
+                f"{self.dist.world_size}. Resume it with --num_processes {saved_world}.")
+        own = processes[self.dist.rank] if processes else {"rng": state["rng"], "replay": state.get("replay")}
+        rng = own["rng"]
         random.setstate(_to_python_state(rng["python"]))
         np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
         torch.set_rng_state(rng["torch"])
         self.behaviour_gen.set_state(rng["behaviour"])
         self.sample_gen.set_state(rng["sample"])
+        if rng.get("prompt") is not None:
+            self.prompt_gen.set_state(rng["prompt"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        if self.replay is not None and state.get("replay") is not None:
-            self.replay.load_state_dict(state["replay"])
+        if self.replay is not None and own.get("replay") is not None:
+            self.replay.load_state_dict(own["replay"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.wandb_id = state.get("wandb_id")
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------- the run
-    def evaluate(self, tag: str) -> dict:
+    def evaluate(self, tag: str) -> Optional[dict]:
+        """Rank 0 evaluates (the parameters are the same everywhere); the others wait for it."""
+        if not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        result = self._evaluate(tag)
+        self.dist.barrier()
+        return result
+
+    def _evaluate(self, tag: str) -> dict:
         ecfg = self.cfg.task.evaluation
         result, rows = evaluate(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
                                 beta=beta_at(self.cfg.objective, self.step), seed=self.cfg.seed + 1000,
@@ -425,18 +511,24 @@ class Trainer:
         before = None
         if cfg.task.evaluation.before_training and self.step == 0:
             before = self.evaluate("before")
-        with handle_signals(self), make_progress(cfg.trainer.progress, cfg.trainer.max_steps, self.step) as progress:
+        show = cfg.trainer.progress and self.dist.is_main
+        with handle_signals(self), make_progress(show, cfg.trainer.max_steps, self.step) as progress:
             while self.step < cfg.trainer.max_steps and not self.stop_requested:
                 t0 = time.perf_counter()
                 batch = self.collect()
                 metrics = self.train_step(batch)
                 self.step += 1
                 metrics["time/step"] = time.perf_counter() - t0
+                if self.dist.enabled:
+                    metrics = merge_metrics(self.dist.gather(metrics))
+                    metrics["world_size"] = self.dist.world_size
+                    self.stop_requested = self.dist.any_true(self.stop_requested)  # all stop at the same step
                 self.tracker.log(metrics, step=self.step)
                 if cfg.trainer.sample_table_every and self.step % cfg.trainer.sample_table_every == 0:
                     rows = [{"step": self.step, "prompt": batch.prompts.texts[int(g)], "completion": t,
                              "score": float(s), "replayed": bool(r)}
                             for g, t, s, r in zip(batch.traj.group, batch.traj.texts, batch.score, batch.from_replay)]
+                    rows = [row for part in self.dist.gather(rows) for row in part]
                     self.tracker.log_samples(rows, step=self.step)
                 if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -451,15 +543,20 @@ class Trainer:
             log.warning("stopped by a signal at step %d; checkpoint saved. Continue with resume=auto run_name=%s",
                         self.step, self.run_name)
             return {"interrupted": True, "step": self.step}
-        adapter_dir = save_adapter(self.model, Path(cfg.paths.adapted_models) / self.run_name)
+        adapter_dir = Path(cfg.paths.adapted_models) / self.run_name
+        if self.dist.is_main:
+            save_adapter(self.model, adapter_dir)
         after = self.evaluate("after")
         summary = {"before": before, "after": after, "steps": self.step, "adapter": str(adapter_dir)}
+        if not self.dist.is_main:
+            return summary
         self.tracker.summary({f"eval_after/{k}": v for k, v in after.items() if isinstance(v, (int, float))})
         return summary
 
     def close(self, exit_code: int = 0) -> None:
         if getattr(self, "tracker", None) is not None:
             self.tracker.finish(exit_code)
+        self.dist.close()
 
 
 def lr_factor(tcfg):

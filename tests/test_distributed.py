@@ -1,0 +1,65 @@
+"""Two training processes (gloo on the CPU) under `accelerate launch`: data parallel over LoRA and log Z."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, TINY, run_train
+from gf_odg.tracking import read_offline_run
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / "ddp.yaml"),
+          "--num_processes", "2"]
+STEPS = ["trainer.max_steps=4", "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2"]
+
+
+def _launch(args: list[str], tmp_path, timeout: int = 600):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_keep_identical_lora_and_log_z(tmp_path):
+    paths = [f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
+    result = _launch([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), *TINY, *STEPS, *paths,
+                      "run_name=ddp-worker"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    a, b = ranks[0]["params"], ranks[1]["params"]
+    assert a.keys() == b.keys() and any(k.startswith("log_z.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # ...and training moved them: the LoRA B matrices start at zero.
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [str(ROOT / "train.py"), *TINY, *STEPS, "logger=wandb", "logger.mode=offline", "run_name=ddp-run",
+            f"hydra.run.dir={run_dir}", f"paths.checkpoints={tmp_path}/checkpoints",
+            f"paths.adapted_models={tmp_path}/adapted", "exploration.replay.enabled=true"]
+    result = _launch(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Evaluation of rng") == 1  # only rank 0 reports
+    wandb_files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(wandb_files) == 1 and read_offline_run(wandb_files[0])["exit_code"] == 0
+    assert (run_dir / "eval.json").is_file() and (run_dir / "train_rank1.log").is_file()
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "ddp-run").iterdir()) == \
+        ["latest", "step_000002", "step_000004"]
+    state = torch.load(tmp_path / "checkpoints" / "ddp-run" / "step_000004" / "state.pt", weights_only=True)
+    assert len(state["processes"]) == 2  # each process's RNG streams and replay buffer
+    assert state["processes"][0]["replay"] != state["processes"][1]["replay"]  # their own samples
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["world_size"] == 2 for s in steps)
+    assert (tmp_path / "adapted" / "ddp-run" / "adapter_model.safetensors").is_file()
+
+    # Resuming with another number of processes is refused, clearly, and writes nothing.
+    before = sorted(p.name for p in (tmp_path / "checkpoints" / "ddp-run").iterdir())
+    single = run_train([*TINY, "trainer.max_steps=6", "run_name=ddp-run", "resume=auto"], tmp_path)
+    assert single.returncode == 2
+    assert "2 training process(es)" in single.stderr and "--num_processes 2" in single.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "ddp-run").iterdir()) == before
