@@ -78,6 +78,17 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def release_memory() -> None:
+    """Free the model between the jobs of an in-process sweep (Hydra's basic launcher runs them in turn)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     from gf_odg.trainer import Trainer
     from gf_odg.validation import validate
@@ -91,7 +102,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         exit_code = 0
     finally:
         trainer.close(exit_code)
-    if summary.get("interrupted") or not trainer.dist.is_main:
+        is_main = trainer.dist.is_main
+        del trainer
+        release_memory()
+    if summary.get("interrupted") or not is_main:
         return summary
     result = {"run_name": cfg.run_name, "steps": summary["steps"], "adapter": summary["adapter"],
               "before": summary["before"], "after": summary["after"]}

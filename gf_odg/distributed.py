@@ -39,6 +39,14 @@ class Dist:
         self.rank = 0
         self.local_rank = 0
         self.device: Optional[torch.device] = None
+        for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(flag, "").lower() in ("1", "true"):
+                from gf_odg.errors import ConfigError
+
+                raise ConfigError(
+                    f"accelerate launched this run with {name}; GF-ODG trains data parallel only (each process "
+                    "holds the 4-bit model and the LoRA gradients are averaged). Launch with "
+                    "--config_file accelerate/ddp.yaml.")
         if self.world_size > 1:
             from accelerate import PartialState
 

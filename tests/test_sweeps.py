@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from conftest import CONFIGS, run_train
+from conftest import CONFIGS, ROOT, run_train
 from gf_odg.config import register_configs
 from gf_odg.tracking import read_offline_run
 
@@ -56,3 +58,30 @@ def test_launcher_configs_compose(launcher):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="main", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert "submitit_launcher" in cfg.hydra.launcher._target_
+
+
+def test_a_finished_job_leaves_no_model_behind(tmp_path):
+    """Hydra's basic launcher runs sweep jobs one after another in one process: each job's model must go.
+    (In a subprocess: pytest's log capture keeps records whose tracebacks would hold the model.)"""
+    script = f"""
+import gc, sys, weakref
+sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]
+from pathlib import Path
+from conftest import TINY, compose_cfg
+from gf_odg.trainer import Trainer
+import train
+refs = []
+setup = Trainer.setup
+def recording_setup(self):
+    setup(self)
+    refs.append(weakref.ref(self.model))
+Trainer.setup = recording_setup
+cfg = compose_cfg([*TINY, "trainer.max_steps=1", "trainer.samples_per_prompt=4", "task.evaluation.n_samples=4"],
+                  Path({str(tmp_path)!r}))
+result = train.run(cfg, Path({str(tmp_path / 'run')!r}))
+gc.collect()
+print("STEPS", result["steps"], "MODELS", len(refs), "ALIVE", sum(r() is not None for r in refs))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "STEPS 1 MODELS 1 ALIVE 0" in out.stdout
