@@ -15,7 +15,7 @@ from gf_odg.config import register_configs
 from gf_odg.tracking import read_offline_run
 
 QUICK = ["model=tiny-random", "trainer.max_steps=1", "trainer.samples_per_prompt=4", "task.evaluation.n_samples=8",
-         "task.evaluation.before_training=false", "trainer.progress=false"]
+         "task.evaluation.before_training=false", "trainer.progress=false", "trainer.threads=1"]
 
 
 def test_a_two_trial_optuna_sweep_reports_its_best_value(tmp_path):
