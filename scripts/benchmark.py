@@ -4,6 +4,8 @@ measured in the same process and run. Figures are ratios; nothing here is a time
     uv run python scripts/benchmark.py                        # embedded SmolLM2 (4-bit + LoRA), CPU
     uv run python scripts/benchmark.py --sections prefill --ks 16,32 --repeats 3
     uv run python scripts/benchmark.py --model tiny-random --quick   # seconds; what the tests run
+    uv run python scripts/benchmark.py --sections trl_step --ks 16,32
+    uv run python scripts/benchmark.py --sections quality --quality-tasks rng --quality-steps rng=100
 
 Sections:
 - prefill: one training step's sampling and scoring (forward + backward) of K completions of one
@@ -14,14 +16,25 @@ Sections:
   a full float32 log_softmax over [B, T, V], on a tiny model with a 128k vocabulary.
 - overhead: our full step (sample + reward + score + optimiser) against the same batch through raw
   `model.generate`, the reward and one raw forward/backward, and where our step time goes.
+- trl_step: our training step (TB) against one optimiser step of TRL's GRPOTrainer on the same batch:
+  the rng chat prompt, K = num_generations completions, the same max new tokens, model load and
+  LoRA, no reference model on either side (GRPO beta = 0), both in this process, median after a
+  warm-up step. Ours is timed under the rng constraint mask and without it (TRL samples unmasked).
+- quality: on rng and keywords, the base model, our tb / vargrad / rloo and TRL GRPO trained for
+  the same number of steps on the same prompts and batch, evaluated by gf_odg.evaluation on the
+  same samples: score, validity, distinct high-reward completions, semantic diversity, KL to the
+  target (rng, sampled and exact), seconds per step (`--quality-steps rng=100,keywords=20`,
+  `--quality-eval`, `--quality-methods`, `--quality-overrides`). GRPO's LoRA is evaluated in
+  memory by the same code (`gf_odg/grpo_baseline.py` says how GRPO is set up).
 
-Writes benchmark.md, benchmark.json and benchmark.png to --out (default outputs/benchmark/<time>).
+Writes benchmark.md, benchmark.json and benchmark*.png to --out (default outputs/benchmark/<time>).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -280,6 +293,219 @@ def bench_scale(model_name: str, device, k: int, steps: int, variants: dict[str,
     return rows
 
 
+# ----------------------------------------------------------------------------- trl_step
+def _our_trainer(model_name: str, device, extra: list[str], tmp: Path):
+    from gf_odg.trainer import Trainer
+
+    cfg = compose([f"model={model_name}", *OVERRIDES, "logger=none", "trainer.progress=false",
+                   "trainer.max_steps=100000", "run_name=benchmark-trl", f"trainer.device={device}",
+                   f"paths.checkpoints={tmp}/checkpoints", f"paths.adapted_models={tmp}/adapted", *extra])
+    trainer = Trainer(cfg, tmp / "run")
+    trainer.setup()
+    return trainer
+
+
+def _time_ours(trainer, repeats: int) -> tuple[float, float]:
+    """Median seconds of one step (sample + reward + score/backward + optimiser) after a warm-up
+    step, and the mean completion length (tokens, EOS included) over the timed steps."""
+    times, lengths = [], []
+    for i in range(repeats + 1):
+        sync(trainer.device)
+        t0 = time.perf_counter()
+        batch = trainer.collect()
+        trainer.train_step(batch)
+        trainer.step += 1
+        sync(trainer.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+            lengths += batch.traj.lengths.tolist()
+    return statistics.median(times), statistics.fmean(lengths)
+
+
+def _time_trl(model_name: str, device, k: int, repeats: int, tmp: Path,
+              lora_fp32: bool = True) -> tuple[float, float, dict]:
+    """Median seconds of one GRPOTrainer optimiser step (generate, reward, forward/backward,
+    optimiser) after a warm-up step, on the rng chat prompt with K = num_generations."""
+    from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
+    from gf_odg.tasks import build_task
+
+    cfg, model, tok = load(model_name, device, [f"trainer.device={device}"])
+    task = build_task(cfg.task, tok, cfg.model.chat_template, cfg.paths.root)
+    args = grpo_args(tmp / "trl", k=k, prompts_per_step=1, max_new_tokens=task.constraints.max_new_tokens,
+                     max_steps=repeats + 1, lr=cfg.trainer.lr, grad_clip=cfg.trainer.grad_clip, seed=cfg.seed,
+                     device=device)
+    trainer, reward, timer, info = build_grpo_trainer(model, tok, task, args, cfg.objective.log_reward_min, lora_fp32)
+    trainer.train()
+    lengths = [n for call in reward.calls[1:] for n in (call["lengths"] or [])]
+    info["trl_valid_fraction"] = statistics.fmean(
+        math.isfinite(s) for call in reward.calls[1:] for s in call["scores"]) if reward.calls[1:] else math.nan
+    del trainer, model
+    return statistics.median(timer.times[1:]), statistics.fmean(lengths) if lengths else math.nan, info
+
+
+def bench_trl_step(model_name: str, device, ks: list[int], repeats: int) -> list[dict]:
+    """Our training step against one TRL GRPOTrainer optimiser step on the same batch: the rng chat
+    prompt, K completions, the same max new tokens, model load (4-bit + LoRA as the model config
+    says), LoRA, learning rate and clipping, no reference model on either side (TB with
+    ref_weight = 0; GRPO with beta = 0). Ours is timed twice: on the rng task as trained (under its
+    constraint mask: digits, EOS after at most 3) and without the mask (free tokens, the work TRL does)."""
+    import tempfile
+
+    rows = []
+    for k in ks:
+        with tempfile.TemporaryDirectory(prefix="gfodg-trl-step-") as tmpdir:
+            tmp = Path(tmpdir)
+            row: dict = {"prompt": "rng (chat prompt)", "K": k, "objective": "tb", "repeats": repeats}
+            common = [f"trainer.samples_per_prompt={k}", "exploration=on_policy", "objective=tb"]
+            for tag, extra in (("masked", []), ("unmasked", ["task.constraints.allowed=null"])):
+                trainer = _our_trainer(model_name, device, common + extra, tmp / tag)
+                row["prompt_tokens"] = len(trainer.task.prompt_tokens[0])
+                row["max_new_tokens"] = trainer.task.constraints.max_new_tokens
+                row["lora"] = {"r": trainer.cfg.model.lora.r, "alpha": trainer.cfg.model.lora.alpha,
+                               "targets": list(trainer.cfg.model.lora.target_modules),
+                               "load_in_4bit": bool(trainer.cfg.model.quantization.load_in_4bit)}
+                row[f"ours_{tag}_step_s"], row[f"ours_{tag}_length_mean"] = _time_ours(trainer, repeats)
+                del trainer
+            row["trl_step_s"], row["trl_length_mean"], info = _time_trl(model_name, device, k, repeats, tmp)
+            row.update(info)
+            row["ratio_masked"] = row["ours_masked_step_s"] / row["trl_step_s"]
+            row["ratio_unmasked"] = row["ours_unmasked_step_s"] / row["trl_step_s"]
+        rows.append(row)
+        print(f"  trl_step K={k}: ours {row['ours_masked_step_s']:.3f}s masked / {row['ours_unmasked_step_s']:.3f}s "
+              f"unmasked, TRL GRPO {row['trl_step_s']:.3f}s; ratio {row['ratio_masked']:.2f} / "
+              f"{row['ratio_unmasked']:.2f}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- quality
+QUALITY_TASKS = {
+    # task -> (Hydra overrides for every method, threshold of a "high-reward" completion)
+    # rng: every valid integer scores log(1/101), so the high-reward completions are the valid ones.
+    "rng": (["experiment=rng_tb"], math.log(1 / 101) - 1e-6),
+    # keywords: 4 x fraction of the concepts + length band + 0.5 x fluency; 2.0 needs, e.g., all four
+    # concepts at a fluency above -4 nats per token, or three at one above -2.
+    "keywords": (["experiment=keywords"], 2.0),
+}
+QUALITY_METRICS = ("score", "validity", "unique_fraction", "distinct_n", "semantic_diversity", "above_threshold",
+                   "modes", "exact")
+
+
+def _evaluate_policy(model, tok, task, n: int, threshold: float, seed: int, batch_size: int) -> dict:
+    from gf_odg.evaluation import evaluate_decodings, POLICY
+
+    model.eval()
+    order = [i % len(task.records) for i in range(n)]
+    result, samples = evaluate_decodings(model, tok, task, order, [POLICY], QUALITY_METRICS, batch_size, beta=1.0,
+                                         seed=seed, threshold=threshold)[POLICY.name]
+    from collections import Counter
+
+    result["top_completions"] = Counter(samples.texts).most_common(5)  # what a collapsed policy writes
+    return result
+
+
+def _unmasked_task(cfg, tok):
+    """The task with its `allowed` mask off (free tokens, same max length and stop rules): what an
+    unconstrained sampler, TRL's, emits on its own."""
+    from omegaconf import OmegaConf
+
+    from gf_odg.tasks import build_task
+
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    task_cfg["constraints"] = {k: v for k, v in task_cfg["constraints"].items() if k != "allowed"}
+    return build_task(OmegaConf.create(task_cfg), tok, cfg.model.chat_template, cfg.paths.root)
+
+
+def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, int], n_eval: dict[str, int],
+                  methods: list[str], extra: list[str] = ()) -> list[dict]:
+    """Per task, each method trained for the same number of steps on the same prompts and batch
+    (K per prompt, prompts per step, learning rate and schedule of the task's experiment config),
+    then evaluated by gf_odg.evaluation on the same n samples from the same seed, under the task's
+    constraint mask. `grpo` is TRL's GRPOTrainer on the same model load, LoRA and reward (sampling
+    without our mask); `base` the untrained model."""
+    import tempfile
+
+    from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
+    from gf_odg.modelling import load_policy
+    from gf_odg.tasks import build_reward, build_task
+    from gf_odg.trainer import seed_everything
+
+    rows = []
+    for task_name in tasks:
+        task_overrides, threshold = QUALITY_TASKS[task_name]
+        n = n_eval[task_name]
+        for method in methods:
+            objective = {"grpo": "rloo", "base": "tb"}.get(method, method)
+            overrides = [*task_overrides, f"objective={objective}", f"trainer.max_steps={steps[task_name]}", *extra]
+            if objective == "rloo":  # a pure maximiser of the score: no p_ref in its reward, no reference pass
+                overrides.append("objective.ref_weight=0")
+            row: dict = {"task": task_name, "method": method, "steps": steps[task_name] if method != "base" else 0,
+                         "eval_samples": n, "threshold": threshold}
+            with tempfile.TemporaryDirectory(prefix=f"gfodg-quality-{task_name}-{method}-") as tmpdir:
+                tmp = Path(tmpdir)
+                t_start = time.perf_counter()
+                if method in ("tb", "vargrad", "rloo"):
+                    trainer = _our_trainer(model_name, device, overrides, tmp)
+                    cfg, model, tok, task = trainer.cfg, trainer.model, trainer.tokenizer, trainer.task
+                    times, valid = [], []
+                    while trainer.step < cfg.trainer.max_steps:
+                        t0 = time.perf_counter()
+                        batch = trainer.collect()
+                        metrics = trainer.train_step(batch)
+                        trainer.step += 1
+                        times.append(time.perf_counter() - t0)
+                        valid.append(metrics["reward/valid_fraction"])
+                    row["train_valid_fraction"] = statistics.fmean(valid[-10:])
+                    row["sampled_with_constraint_mask"] = True
+                else:
+                    cfg = compose([f"model={model_name}", *OVERRIDES, f"trainer.device={device}", *overrides])
+                    seed_everything(cfg.seed)
+                    reward = build_reward(cfg.task.reward)
+                    model, tok, _ = load_policy(cfg.model, cfg.paths, device)
+                    task = build_task(cfg.task, tok, cfg.model.chat_template, cfg.paths.root, reward=reward)
+                    if hasattr(reward, "bind"):
+                        reward.bind(model, tok)
+                    times = []
+                    if method == "grpo":
+                        t = cfg.trainer
+                        args = grpo_args(tmp / "trl", k=t.samples_per_prompt, prompts_per_step=t.prompts_per_step,
+                                         max_new_tokens=task.constraints.max_new_tokens, max_steps=t.max_steps,
+                                         lr=t.lr, warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule,
+                                         min_lr_ratio=t.min_lr_ratio, grad_clip=t.grad_clip, seed=cfg.seed,
+                                         device=device)
+                        trainer, trl_reward, timer, info = build_grpo_trainer(model, tok, task, args,
+                                                                              cfg.objective.log_reward_min)
+                        trainer.train()
+                        times = timer.times
+                        row.update(info)
+                        last = [s for call in trl_reward.calls[-10:] for s in call["scores"]]
+                        row["train_valid_fraction"] = statistics.fmean(math.isfinite(s) for s in last)
+                        row["sampled_with_constraint_mask"] = False
+                        model = trainer.model
+                        del trainer
+                row["train_s"] = time.perf_counter() - t_start
+                row["step_s"] = statistics.median(times) if times else None
+                row["step_s_mean"] = statistics.fmean(times) if times else None
+                row["K"], row["prompts_per_step"] = cfg.trainer.samples_per_prompt, cfg.trainer.prompts_per_step
+                t0 = time.perf_counter()
+                row["eval"] = _evaluate_policy(model, tok, task, n, threshold, cfg.seed + 1000,
+                                               cfg.task.evaluation.batch_size)
+                if task_name == "rng":  # the same policy without the mask: what it writes on its own
+                    free = _unmasked_task(cfg, tok)
+                    free_eval = _evaluate_policy(model, tok, free, n, threshold, cfg.seed + 1000,
+                                                 cfg.task.evaluation.batch_size)
+                    row["eval_unmasked"] = {k: free_eval.get(k) for k in ("valid_fraction", "distinct", "kl_to_target",
+                                                                          "n_above_threshold", "score_mean")}
+                row["eval_s"] = time.perf_counter() - t0
+                del model
+            rows.append(row)
+            e = row["eval"]
+            print(f"  quality {task_name} {method}: score {e.get('score_mean', math.nan):.3f}, valid "
+                  f"{e.get('valid_fraction', math.nan):.3f}, distinct high-reward {e.get('n_above_threshold')}, "
+                  f"semantic diversity {e.get('semantic_diversity', math.nan):.3f}, exact KL {e.get('exact_kl', '-')}, "
+                  f"{row['step_s'] or 0:.2f} s/step", flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 def machine() -> str:
     if torch.cuda.is_available():
@@ -310,12 +536,103 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['variant']} | {r['params'] / 1e9:.2f} B | {r['K']} | {r['step_s']:.3f} | "
                          f"{r['sample_tokens_per_s']:.0f} | {peak} |")
         lines.append("")
+    if report.get("trl_step"):
+        lines += ["Our step against TRL GRPOTrainer's on the same batch (rng chat prompt, ours: TB; GRPO: beta = 0; "
+                  "median of the timed steps after a warm-up; TRL samples without our constraint mask):", "",
+                  "| K | prompt tokens | max new tokens | ours, masked (s) | ours, unmasked (s) | TRL GRPO (s) | "
+                  "ratio ours/TRL masked | unmasked | mean length ours masked / unmasked / TRL |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["trl_step"]:
+            lines.append(f"| {r['K']} | {r['prompt_tokens']} | {r['max_new_tokens']} | {r['ours_masked_step_s']:.3f} | "
+                         f"{r['ours_unmasked_step_s']:.3f} | {r['trl_step_s']:.3f} | {r['ratio_masked']:.2f}x | "
+                         f"{r['ratio_unmasked']:.2f}x | {r['ours_masked_length_mean']:.2f} / "
+                         f"{r['ours_unmasked_length_mean']:.2f} / {r['trl_length_mean']:.2f} |")
+        lines.append("")
+    if report.get("quality"):
+        lines += quality_table(report["quality"])
     if report.get("overhead"):
         o = report["overhead"]
         lines += [f"Step (K={o['K']}): ours {o['ours_step_s']:.3f} s (sample {o.get('time/sample', 0):.3f}, reward "
                   f"{o.get('time/reward', 0):.3f}, score+backward+optimiser {o.get('time/score_backward', 0):.3f}); "
                   f"raw generate + reward + forward/backward {o['raw_step_s']:.3f} s; ratio {o['overhead_ratio']:.2f}"]
     return "\n".join(lines) + "\n"
+
+
+def _num(value, fmt: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-" if value is None else str(value)
+    return format(value, fmt) if isinstance(value, float) else str(value)
+
+
+def quality_table(rows: list[dict]) -> list[str]:
+    lines = ["Quality after the same number of steps on the same prompts and batch; evaluated by "
+             "gf_odg.evaluation under the task's constraint mask (same samples count and seed for every method):", "",
+             "| task | method | steps | K x prompts | score mean | valid | distinct high-reward | unique fraction | "
+             "semantic diversity | KL to target, sampled | KL, exact | train valid (last 10 steps) | s / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["eval"]
+        lines.append(f"| {r['task']} | {r['method']} | {r['steps']} | {r['K']} x {r['prompts_per_step']} | "
+                     f"{_num(e.get('score_mean'))} | {_num(e.get('valid_fraction'))} | {_num(e.get('n_above_threshold'))} | "
+                     f"{_num(e.get('unique_fraction'))} | {_num(e.get('semantic_diversity'))} | "
+                     f"{_num(e.get('kl_to_target'))} | {_num(e.get('exact_kl'))} | {_num(r.get('train_valid_fraction'))} | "
+                     f"{_num(r.get('step_s'), '.2f')} |")
+    unmasked = [r for r in rows if r.get("eval_unmasked")]
+    if unmasked:
+        lines += ["", "The same policies sampled without the constraint mask (free tokens, same length limit):", "",
+                  "| task | method | valid | distinct valid | KL to target, sampled |", "|---|---|---|---|---|"]
+        for r in unmasked:
+            u = r["eval_unmasked"]
+            lines.append(f"| {r['task']} | {r['method']} | {_num(u.get('valid_fraction'))} | {_num(u.get('distinct'))} | "
+                         f"{_num(u.get('kl_to_target'))} |")
+    lines.append("")
+    return lines
+
+
+def plot_extra(report: dict, out: Path) -> list[Path]:
+    """benchmark_trl_step.png and benchmark_quality.png, where those sections ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    rows = report.get("trl_step") or []
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        x = list(range(len(rows)))
+        for offset, key, label in ((-0.27, "ours_masked_step_s", "ours (masked)"),
+                                   (0.0, "ours_unmasked_step_s", "ours (unmasked)"),
+                                   (0.27, "trl_step_s", "TRL GRPOTrainer")):
+            ax.bar([i + offset for i in x], [r[key] for r in rows], 0.27, label=label)
+        ax.set_xticks(x, [f"K={r['K']}" for r in rows])
+        ax.set_ylabel("seconds per training step")
+        ax.set_title(report["machine"], fontsize=8)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append(out / "benchmark_trl_step.png")
+        fig.savefig(made[-1], dpi=120)
+        plt.close(fig)
+    rows = report.get("quality") or []
+    if rows:
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            for r in (r for r in rows if r["task"] == task):
+                e = r["eval"]
+                y = e.get("n_above_threshold") or 0
+                ax.scatter([e.get("score_mean", math.nan)], [y], s=40)
+                ax.annotate(r["method"], (e.get("score_mean", math.nan), y), fontsize=8, xytext=(3, 3),
+                            textcoords="offset points")
+            ax.set_xlabel("score mean")
+            ax.set_ylabel("distinct high-reward completions")
+            ax.set_title(f"{task} ({rows[0]['eval_samples'] if len(tasks) == 1 else 'same'} samples each)", fontsize=9)
+        fig.suptitle(report["machine"], fontsize=8)
+        fig.tight_layout()
+        made.append(out / "benchmark_quality.png")
+        fig.savefig(made[-1], dpi=120)
+        plt.close(fig)
+    return made
 
 
 def plot(report: dict, path: Path) -> None:
@@ -342,6 +659,17 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _jsonable(obj):
+    """Non-finite numbers as "inf" / "nan" strings (the project's convention, as in eval.json)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -357,6 +685,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--overrides", default="", help="space-separated Hydra overrides for every model loaded")
     parser.add_argument("--scale-steps", type=int, default=5)
+    parser.add_argument("--quality-tasks", default="rng,keywords")
+    parser.add_argument("--quality-steps", default="rng=100,keywords=20", help="training steps per task")
+    parser.add_argument("--quality-eval", default="rng=512,keywords=128", help="evaluation samples per task")
+    parser.add_argument("--quality-methods", default="base,tb,vargrad,rloo,grpo")
+    parser.add_argument("--quality-overrides", default="", help="space-separated Hydra overrides for the quality runs")
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -368,6 +701,8 @@ def main() -> None:
     OVERRIDES.extend(args.overrides.split())
     if args.quick:
         args.ks, args.repeats, args.memory_vocab, args.memory_batch, args.memory_tokens = "4", 1, 4096, 2, 8
+        args.quality_steps = ",".join(f"{t}=2" for t in QUALITY_TASKS)
+        args.quality_eval = ",".join(f"{t}=16" for t in QUALITY_TASKS)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -386,11 +721,23 @@ def main() -> None:
         variants = {"4-bit NF4 + LoRA": ["model.quantization.load_in_4bit=true"],
                     "bf16 + LoRA": ["model.quantization.load_in_4bit=false", "model.dtype=bfloat16"]}
         report["scale"] = bench_scale(args.model, device, max(ks), args.scale_steps, variants)
+    if "trl_step" in sections:
+        report["trl_step"] = bench_trl_step(args.model, device, ks, args.repeats)
+    if "quality" in sections:
+        per_task = lambda text: {t: int(v) for t, v in (item.split("=") for item in text.split(","))}  # noqa: E731
+        extra = args.quality_overrides.split()
+        if args.quick:
+            extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
+        report["quality"] = bench_quality(args.model, device, args.quality_tasks.split(","),
+                                          per_task(args.quality_steps), per_task(args.quality_eval),
+                                          args.quality_methods.split(","), extra)
+        report["quality_overrides"] = extra
     out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (out / "benchmark.json").write_text(json.dumps(_jsonable(report), indent=2))
     (out / "benchmark.md").write_text(markdown(report))
     plot(report, out / "benchmark.png")
+    plot_extra(report, out)
     print(markdown(report))
     print(f"written to {out}")
 
