@@ -65,6 +65,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
+        self.found: set[str] = set()  # distinct valid completions (finite score) sampled so far, stripped
         self.resume_from = self._find_resume()
         self._check_outputs()
 
@@ -364,7 +365,11 @@ class Trainer:
         residual = diag["residual"].float()
         max_len = self.task.constraints.max_new_tokens
         fresh = ~batch.from_replay
+        new = [t.strip() for t, s, f in zip(traj.texts, score.tolist(), fresh.tolist()) if f and math.isfinite(s)]
+        for part in self.dist.gather(new):  # every process's finds
+            self.found.update(part)
         m = {
+            "discovery/distinct_valid": len(self.found),
             "loss": float(loss.detach()),
             "log_pf/mean": float(log_pf.detach().mean()),
             "log_reward/mean": float(log_r.mean()),
@@ -427,6 +432,7 @@ class Trainer:
             "replay": own["replay"],
             "processes": processes if processes and len(processes) > 1 else None,
             "nonfinite_total": self.nonfinite_total,
+            "found": sorted(self.found),
             "wandb_id": self.tracker.run_id if getattr(self, "tracker", None) else self.wandb_id,
             "base_model": self.base_path,
             "run_name": self.run_name,
@@ -483,6 +489,7 @@ class Trainer:
             self.replay.load_state_dict(own["replay"])
         self.step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.found = set(state.get("found") or [])
         self.wandb_id = state.get("wandb_id")
         log.info("resumed from %s at step %d", path, self.step)
 

@@ -59,6 +59,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     a_steps, b_steps = _steps(tmp_path / "a" / "run"), _steps(b / "run")
     for a_row, b_row in zip(a_steps[-2:], b_steps[-2:]):  # steps 5 and 6 ran after the resume
         assert a_row["step"] == b_row["step"] and a_row["loss"] == pytest.approx(b_row["loss"], abs=1e-6)
+        assert a_row["discovery/distinct_valid"] == b_row["discovery/distinct_valid"]  # restored, not restarted
     a_eval = json.loads((tmp_path / "a" / "run" / "eval.json").read_text())["after"]
     b_eval = json.loads((b / "run" / "eval.json").read_text())["after"]
     assert a_eval == pytest.approx(b_eval, abs=1e-9, nan_ok=True)  # sums over sets: last-bit order effects

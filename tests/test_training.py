@@ -66,3 +66,11 @@ def test_training_moves_adapter_and_log_z_and_writes_reloadable_artefacts(cfg_fa
     assert trainer_cfg.get("value", trainer_cfg)["max_steps"] == 3
     tables = list((wandb_dir / "media" / "table").glob("samples_*.table.json"))
     assert len(tables) == 3  # a new table at every step, none overwritten
+    # discovery/distinct_valid: the distinct valid completions among all samples so far (from the tables)
+    found, counts = set(), []
+    for table in sorted(tables, key=lambda p: json.loads(p.read_text())["data"][0][0]):
+        data = json.loads(table.read_text())
+        col = {name: i for i, name in enumerate(data["columns"])}
+        found |= {row[col["completion"]].strip() for row in data["data"] if row[col["score"]] is not None}
+        counts.append(len(found))
+    assert [s["discovery/distinct_valid"] for s in steps] == counts
