@@ -545,7 +545,8 @@ class Trainer:
                 if "log_z" in metrics:
                     shown["log_z"] = f"{metrics['log_z']:.2f}"
                 progress.set_postfix(shown)
-        self.save_checkpoint()
+        if not (cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0):
+            self.save_checkpoint()  # (a checkpoint of this step was just written otherwise)
         if self.stop_requested:
             log.warning("stopped by a signal at step %d; checkpoint saved. Continue with resume=auto run_name=%s",
                         self.step, self.run_name)

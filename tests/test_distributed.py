@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY, run_train
@@ -63,3 +64,38 @@ def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
     assert single.returncode == 2
     assert "2 training process(es)" in single.stderr and "--num_processes 2" in single.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "ddp-run").iterdir()) == before
+
+
+def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
+    """Stop a 2-process run at step 2, resume it to step 4: the same adapter, log Z and losses as 4 steps straight."""
+    common = [*TINY, "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2", "logger=none",
+              "exploration.replay.enabled=true", "exploration.replay.fraction=0.25", "seed=7",
+              f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
+    straight = _launch([str(ROOT / "train.py"), *common, "trainer.max_steps=4", "run_name=straight",
+                        f"hydra.run.dir={tmp_path}/straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = _launch([str(ROOT / "train.py"), *common, "trainer.max_steps=2", "run_name=cut",
+                     f"hydra.run.dir={tmp_path}/cut1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _launch([str(ROOT / "train.py"), *common, "trainer.max_steps=4", "run_name=cut", "resume=auto",
+                      f"hydra.run.dir={tmp_path}/cut2"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "adapted" / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapted" / "cut" / "adapter_model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    sa = torch.load(tmp_path / "checkpoints" / "straight" / "step_000004" / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "checkpoints" / "cut" / "step_000004" / "state.pt", weights_only=True)
+    assert torch.allclose(sa["log_z"]["value"], sb["log_z"]["value"], atol=1e-6)
+    assert [p["replay"] for p in sa["processes"]] == [p["replay"] for p in sb["processes"]]
+
+    def losses(run):
+        rows = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        return {r["step"]: r["loss"] for r in rows}
+
+    straight_losses, resumed = losses("straight"), losses("cut2")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(straight_losses[step], abs=1e-6)
