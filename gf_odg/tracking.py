@@ -45,6 +45,18 @@ def _jsonable(value):
     return value
 
 
+def jsonable(obj):
+    """A nested container for JSON files, with the project's convention for non-finite numbers
+    (as in metrics.jsonl and eval.json): "inf", "-inf", "nan" strings."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
 def _table_cell(value):
     """A W&B table cell: numbers stay numbers, a non-finite score (a hard violation) becomes None."""
     if hasattr(value, "item"):

@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from gf_odg.tracking import jsonable  # noqa: E402
+
 FEW_SHOT = ("You are a random number generator. Each answer is one integer between 0 and 100, chosen uniformly "
             "at random, written with digits only and nothing else.\n\n")
 
@@ -659,17 +661,6 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _jsonable(obj):
-    """Non-finite numbers as "inf" / "nan" strings (the project's convention, as in eval.json)."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -734,7 +725,7 @@ def main() -> None:
         report["quality_overrides"] = extra
     out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(_jsonable(report), indent=2))
+    (out / "benchmark.json").write_text(json.dumps(jsonable(report), indent=2))
     (out / "benchmark.md").write_text(markdown(report))
     plot(report, out / "benchmark.png")
     plot_extra(report, out)

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from gf_odg.config import register_configs  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
 from gf_odg.evaluation import register_eval_config  # noqa: E402
+from gf_odg.tracking import jsonable  # noqa: E402
 
 register_configs()
 register_eval_config()  # after register_configs: main's schema plus the `eval` node
@@ -102,7 +103,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "plots": [str(p.relative_to(run_dir)) for p in plots],
     }
     tmp = run_dir / "eval.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(report), indent=2))
+    tmp.write_text(json.dumps(jsonable(report), indent=2))
     tmp.replace(run_dir / "eval.json")
 
     print(f"\nEvaluation of {report['adapter'] or 'the base model ' + base_path} on {task.name} "
@@ -180,17 +181,6 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _jsonable(obj):
-    """JSON with the project's convention for non-finite numbers (as in metrics.jsonl): "inf", "nan"."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
