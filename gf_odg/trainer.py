@@ -115,6 +115,12 @@ class Trainer:
                 f"objective=subtb needs a reward that scores every prefix (a `score_prefixes` method); "
                 f"task.reward {type(self.reward).__name__} has none. Use objective=tb or vargrad.")
         self.objective = build_objective(cfg.objective)
+        if cfg.exploration.epsilon > 0 and self.task.constraints.allowed is None and self.dist.is_main:
+            log.warning(
+                "exploration.epsilon=%s with no allowed-token set: epsilon-uniform mixes over all %d tokens, which "
+                "mostly draws junk (measured on experiment=sparse_rng: it did not help). Consider "
+                "exploration.epsilon=0, or a task.constraints.allowed set.",
+                cfg.exploration.epsilon, len(self.tokenizer))
         hidden = self.model.get_base_model().config.hidden_size
         self.log_z = build_log_z(cfg.objective, hidden)
         if self.log_z is not None:
