@@ -101,15 +101,11 @@ class Trainer:
         if cfg.trainer.threads > 0:
             torch.set_num_threads(cfg.trainer.threads)
         seed_everything(cfg.seed)
-        self.reward = build_reward(cfg.task.reward)  # before the model: a bad _target_ fails fast
         if not self.dist.is_main:
             self.dist.barrier()  # rank 0 first: it converts or downloads the base model once
-        self.model, self.tokenizer, self.base_path = load_policy(cfg.model, cfg.paths, self.device)
+        self.reward, self.model, self.tokenizer, self.base_path, self.task = build_policy_and_task(cfg, self.device)
         if self.dist.is_main:
             self.dist.barrier()
-        self.task = build_task(cfg.task, self.tokenizer, cfg.model.chat_template, cfg.paths.root, reward=self.reward)
-        if hasattr(self.reward, "bind"):  # rewards that score with the policy's base model (adapters off)
-            self.reward.bind(self.model, self.tokenizer)
         if cfg.objective.name == "subtb" and not hasattr(self.reward, "score_prefixes"):
             raise ConfigError(
                 f"objective=subtb needs a reward that scores every prefix (a `score_prefixes` method); "
@@ -571,6 +567,17 @@ class Trainer:
         if getattr(self, "tracker", None) is not None:
             self.tracker.finish(exit_code)
         self.dist.close()
+
+
+def build_policy_and_task(cfg, device: torch.device):
+    """(reward, policy with fresh LoRA, tokenizer, base model path, task), bound together: what a
+    training run and the benchmarks' baselines start from."""
+    reward = build_reward(cfg.task.reward)  # before the model: a bad _target_ fails fast
+    model, tokenizer, base_path = load_policy(cfg.model, cfg.paths, device)
+    task = build_task(cfg.task, tokenizer, cfg.model.chat_template, cfg.paths.root, reward=reward)
+    if hasattr(reward, "bind"):  # rewards that score with the policy's base model (adapters off)
+        reward.bind(model, tokenizer)
+    return reward, model, tokenizer, base_path, task
 
 
 def lr_factor(tcfg):

@@ -427,9 +427,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
     import tempfile
 
     from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
-    from gf_odg.modelling import load_policy
-    from gf_odg.tasks import build_reward, build_task
-    from gf_odg.trainer import seed_everything
+    from gf_odg.trainer import build_policy_and_task, seed_everything
 
     rows = []
     for task_name in tasks:
@@ -461,11 +459,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                 else:
                     cfg = compose([f"model={model_name}", *OVERRIDES, f"trainer.device={device}", *overrides])
                     seed_everything(cfg.seed)
-                    reward = build_reward(cfg.task.reward)
-                    model, tok, _ = load_policy(cfg.model, cfg.paths, device)
-                    task = build_task(cfg.task, tok, cfg.model.chat_template, cfg.paths.root, reward=reward)
-                    if hasattr(reward, "bind"):
-                        reward.bind(model, tok)
+                    _, model, tok, _, task = build_policy_and_task(cfg, device)
                     times = []
                     if method == "grpo":
                         t = cfg.trainer
