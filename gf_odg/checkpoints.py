@@ -59,9 +59,11 @@ def write_folder_atomic(dest: Path, fill: Callable[[Path], None]) -> Path:
     return dest
 
 
-def save_checkpoint(run_dir: Path, step: int, model, state: dict, config_yaml: str, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, state: dict, config_yaml: str, keep: int,
+                    adapter_state: Optional[dict] = None) -> Path:
+    """adapter_state: the trainable tensors whole, where the model holds only shards of them (FSDP)."""
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", **({"state_dict": adapter_state} if adapter_state is not None else {}))
         torch.save(state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         (tmp / "COMPLETE").write_text(json.dumps({"step": step}), encoding="utf-8")

@@ -17,11 +17,19 @@ from __future__ import annotations
 import math
 import os
 from datetime import datetime
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
 
+from gf_odg.errors import ConfigError
+
 _ENV_STAMP = "GF_ODG_LAUNCH_TIME"
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes")
 
 
 def world_size_from_env() -> int:
@@ -39,14 +47,25 @@ class Dist:
         self.rank = 0
         self.local_rank = 0
         self.device: Optional[torch.device] = None
-        for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(flag, "").lower() in ("1", "true"):
-                from gf_odg.errors import ConfigError
-
-                raise ConfigError(
-                    f"accelerate launched this run with {name}; GF-ODG trains data parallel only (each process "
-                    "holds the 4-bit model and the LoRA gradients are averaged). Launch with "
-                    "--config_file accelerate/ddp.yaml.")
+        self.fsdp = _env_flag("ACCELERATE_USE_FSDP")
+        self.reshard_after_forward = _env_flag("FSDP_RESHARD_AFTER_FORWARD", True)
+        self.mesh = None
+        if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ConfigError(
+                "accelerate launched this run with DeepSpeed, which GF-ODG does not run: the sampler and scorer call "
+                "the transformer body and output projection directly, outside a DeepSpeed engine. Launch with "
+                "--config_file accelerate/ddp.yaml (each process the whole 4-bit model) or accelerate/fsdp.yaml "
+                "(bf16/fp32 weights sharded across processes).")
+        if self.fsdp:
+            if os.environ.get("FSDP_VERSION", "1") != "2":
+                raise ConfigError(f"accelerate launched this run with FSDP version {os.environ.get('FSDP_VERSION', '1')}; "
+                                  "GF-ODG shards with FSDP2 (torch fully_shard): set fsdp_version: 2, as "
+                                  "accelerate/fsdp.yaml does.")
+            for flag, what in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
+                               ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
+                if _env_flag(flag):
+                    raise ConfigError(f"{what}: true is not supported by GF-ODG's FSDP path; set it to false "
+                                      "(for activation checkpointing use model.gradient_checkpointing=true).")
         if self.world_size > 1:
             from accelerate import PartialState
 
@@ -70,8 +89,139 @@ class Dist:
 
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
+    # ------------------------------------------------------------- FSDP
+    @property
+    def sharded(self) -> bool:
+        return self.mesh is not None
+
+    def shard(self, model, model_cfg) -> None:
+        """Under an FSDP launch: shard every decoder layer's weights (frozen and LoRA) across the
+        processes with torch's FSDP2 `fully_shard`. The embeddings, final norm and output projection
+        stay whole on every process (the sampler and scorer use the output projection directly);
+        gradients of the sharded LoRA weights are reduce-scattered by FSDP, the rest (log Z) averaged
+        by `average_gradients`. Generation runs in lockstep (every process makes the same number of
+        forward calls; a process whose samples all ended waits for the others)."""
+        if not (self.fsdp and self.enabled):
+            return
+        if model_cfg.quantization.load_in_4bit:
+            raise ConfigError(
+                "model.quantization.load_in_4bit=true under an FSDP launch: GF-ODG's FSDP path shards bf16/fp32 "
+                "weights; 4-bit QLoRA runs data parallel, each process holding the whole 4-bit model. Launch with "
+                "--config_file accelerate/ddp.yaml, or set model.quantization.load_in_4bit=false "
+                "model.dtype=bfloat16 to shard the full-precision weights.")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from gf_odg.sampling import decoder_and_head
+
+        decoder, _, _ = decoder_and_head(model)
+        device_type = self.device.type if self.device is not None else "cpu"
+        self.mesh = init_device_mesh(device_type, (self.world_size,))
+        for layer in decoder.layers:
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward)
+        self._layers = list(decoder.layers)
+        model.gf_odg_all_true = self.all_true  # read by the sampler: stop when every process is done
+
+    @contextmanager
+    def full_params(self, model):
+        """Every sharded layer gathered whole on every process (all must enter), so that rank 0 alone
+        can save the adapter or evaluate; resharded on exit. Under FSDP this needs the whole model's
+        weights in each process's memory for the duration. A no-op without FSDP."""
+        if not self.sharded:
+            yield
+            return
+        for layer in self._layers:
+            layer.unshard()
+            layer.set_reshard_after_forward(False)
+        agree = model.__dict__.pop("gf_odg_all_true", None)
+        try:
+            yield
+        finally:
+            for layer in self._layers:
+                layer.reshard()
+                layer.set_reshard_after_forward(self.reshard_after_forward)
+            if agree is not None:
+                model.gf_odg_all_true = agree
+
+    def full_trainable_state(self, model) -> Optional[dict]:
+        """Under FSDP, every trainable parameter of the model gathered whole ({name: tensor}, all ranks
+        must call): what PEFT's save_pretrained(state_dict=...) writes. None without FSDP."""
+        if not self.sharded:
+            return None
+        from torch.distributed.tensor import DTensor
+
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+                for name, p in model.named_parameters() if p.requires_grad}
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """torch's clip_grad_norm_ over all processes' shards: the norm of the whole gradient."""
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in params if p.grad is not None]
+        sharded = [g for g in grads if isinstance(g, DTensor)]
+        if not sharded:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        import torch.distributed as dist
+
+        local = torch.zeros((), dtype=torch.float64)
+        for g in sharded:
+            local += g.to_local().double().pow(2).sum().cpu()
+        local = local.to(self._group_device())
+        dist.all_reduce(local, op=dist.ReduceOp.SUM)
+        total_sq = float(local) + sum(float(g.double().pow(2).sum()) for g in grads if not isinstance(g, DTensor))
+        total = math.sqrt(total_sq)
+        coef = min(1.0, max_norm / (total + 1e-6))
+        if math.isfinite(total) and coef < 1.0:
+            for g in grads:
+                (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+        return total
+
+    def load_full_into(self, target: torch.Tensor, full: torch.Tensor) -> None:
+        """Copy a whole tensor into a parameter, which under FSDP holds only this process's shard."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        full = full.to(device=target.device, dtype=target.dtype)
+        if isinstance(target, DTensor):
+            target.to_local().copy_(distribute_tensor(full, target.device_mesh, target.placements,
+                                                      src_data_rank=None).to_local())
+        else:
+            target.copy_(full)
+
+    @staticmethod
+    def local_optimizer_state(optimizer) -> dict:
+        """The optimizer's state with each sharded tensor as this process's local shard (plain tensors
+        a checkpoint can hold)."""
+        from torch.distributed.tensor import DTensor
+
+        state = optimizer.state_dict()
+        state["state"] = {i: {k: (v.to_local().detach().cpu().clone() if isinstance(v, DTensor) else v)
+                              for k, v in s.items()} for i, s in state["state"].items()}
+        return state
+
+    @staticmethod
+    def load_local_optimizer_state(optimizer, state: dict) -> None:
+        """Inverse of local_optimizer_state: load, then wrap each sharded parameter's state back as a
+        DTensor laid out like the parameter."""
+        from torch.distributed.tensor import DTensor
+
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not isinstance(p, DTensor) or p not in optimizer.state:
+                    continue
+                for key, value in optimizer.state[p].items():
+                    if torch.is_tensor(value) and not isinstance(value, DTensor) and value.dim() > 0:
+                        optimizer.state[p][key] = DTensor.from_local(value.to(p.device), p.device_mesh, p.placements,
+                                                                     run_check=False, shape=p.shape, stride=p.stride())
+
+    # ------------------------------------------------------------- data parallel
     def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """Replace each parameter's gradient by its mean over processes (a missing gradient counts as 0)."""
+        """Replace each parameter's gradient by its mean over processes (a missing gradient counts as 0).
+        Sharded (FSDP) parameters are skipped: FSDP has already averaged theirs."""
+        if self.sharded:
+            from torch.distributed.tensor import DTensor
+
+            params = [p for p in params if not isinstance(p, DTensor)]
         if not self.enabled or not params:
             return
         import torch.distributed as dist

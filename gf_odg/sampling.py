@@ -153,7 +153,11 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
         newly = (nxt == eos) & ~finished
         lengths[newly] = t + 1
         finished |= newly
-        if bool(finished.all()) or t == constraints.max_new_tokens - 1:
+        if t == constraints.max_new_tokens - 1:
+            break
+        done = bool(finished.all())
+        agree = getattr(model, "gf_odg_all_true", None)  # FSDP: every process makes the same forward calls
+        if (agree(done) if agree is not None else done):
             break
         attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
         hidden, cache = run_decoder(decoder, cache, input_ids=nxt.unsqueeze(1), attention_mask=attn,

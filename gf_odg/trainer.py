@@ -118,6 +118,7 @@ class Trainer:
                 "exploration.epsilon=0, or a task.constraints.allowed set.",
                 cfg.exploration.epsilon, len(self.tokenizer))
         hidden = self.model.get_base_model().config.hidden_size
+        self.dist.shard(self.model, cfg.model)  # FSDP launch: decoder layers sharded (before the optimizer)
         self.log_z = build_log_z(cfg.objective, hidden)
         if self.log_z is not None:
             self.log_z.to(self.device)
@@ -285,7 +286,7 @@ class Trainer:
                 self._backward_micro_batches(score_rows, lp, len(traj), micro)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             self.dist.average_gradients(params)  # data parallel: the mean gradient over processes
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip))
+            grad_norm = self.dist.clip_grad_norm(params, cfg.trainer.grad_clip)
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -421,6 +422,8 @@ class Trainer:
                     "sample": self.sample_gen.get_state().cpu(), "prompt": self.prompt_gen.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "replay": self.replay.state_dict() if self.replay is not None else None,
+            # FSDP: each process's shard of the optimizer state (the whole state otherwise, in "optimizer")
+            "optimizer": self.dist.local_optimizer_state(self.optimizer) if self.dist.sharded else None,
         }
 
     def _state(self, processes: Optional[list] = None) -> dict:
@@ -428,7 +431,7 @@ class Trainer:
         return {
             "step": self.step,
             "log_z": self.log_z.state_dict() if self.log_z is not None else None,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.dist.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": own["rng"],
             "replay": own["replay"],
@@ -443,12 +446,13 @@ class Trainer:
     def save_checkpoint(self) -> Optional[Path]:
         """Rank 0 writes the checkpoint, with every process's RNG streams and replay buffer in it."""
         processes = self.dist.gather(self._process_state()) if self.dist.enabled else None
+        adapter_state = self.dist.full_trainable_state(self.model)  # FSDP: the LoRA weights whole (all ranks)
         path = None
         if self.dist.is_main:
             config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
             path = checkpoints.save_checkpoint(Path(self.cfg.paths.checkpoints) / self.run_name, self.step,
                                                self.model, self._state(processes), config_yaml,
-                                               self.cfg.trainer.keep_checkpoints)
+                                               self.cfg.trainer.keep_checkpoints, adapter_state)
             log.info("checkpoint: %s", path)
         self.dist.barrier()
         return path
@@ -465,11 +469,21 @@ class Trainer:
         adapter_file = path / "adapter" / "adapter_model.safetensors"
         if not adapter_file.is_file():
             raise CheckpointError(f"checkpoint {path} has no adapter weights ({adapter_file} missing).")
-        set_peft_model_state_dict(self.model, load_file(str(adapter_file), device=str(self.device)))
+        saved = load_file(str(adapter_file), device=str(self.device))
+        if self.dist.sharded:  # each process keeps its shard of each saved tensor
+            from peft import get_peft_model_state_dict
+
+            targets = get_peft_model_state_dict(self.model)  # the saved names -> the parameters (shared storage)
+            if set(targets) != set(saved):
+                raise CheckpointError(f"checkpoint {path}: its adapter's tensors do not match this model's LoRA "
+                                      "parameters; resume with the model and LoRA settings it was trained with.")
+            with torch.no_grad():
+                for key, target in targets.items():
+                    self.dist.load_full_into(target, saved[key])
+        else:
+            set_peft_model_state_dict(self.model, saved)
         if self.log_z is not None and state["log_z"] is not None:
             self.log_z.load_state_dict(state["log_z"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         processes = state.get("processes") or None
         saved_world = len(processes) if processes else 1
         if saved_world != self.dist.world_size:
@@ -477,6 +491,15 @@ class Trainer:
                 f"checkpoint {path} was written by {saved_world} training process(es); this launch has "
                 f"{self.dist.world_size}. Resume it with --num_processes {saved_world}.")
         own = processes[self.dist.rank] if processes else {"rng": state["rng"], "replay": state.get("replay")}
+        if (state["optimizer"] is None) != self.dist.sharded:
+            how = ("with FSDP sharding; resume it under --config_file accelerate/fsdp.yaml" if state["optimizer"] is None
+                   else "without FSDP sharding; resume it with accelerate/ddp.yaml or as a single process")
+            raise CheckpointError(f"checkpoint {path} was written {how}, with {saved_world} process(es).")
+        if self.dist.sharded:
+            self.dist.load_local_optimizer_state(self.optimizer, own["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         rng = own["rng"]
         random.setstate(_to_python_state(rng["python"]))
         np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
@@ -498,11 +521,12 @@ class Trainer:
     # ----------------------------------------------------------------- the run
     def evaluate(self, tag: str) -> Optional[dict]:
         """Rank 0 evaluates (the parameters are the same everywhere); the others wait for it."""
-        if not self.dist.is_main:
+        with self.dist.full_params(self.model):  # FSDP: every layer whole while rank 0 samples alone
+            if not self.dist.is_main:
+                self.dist.barrier()
+                return None
+            result = self._evaluate(tag)
             self.dist.barrier()
-            return None
-        result = self._evaluate(tag)
-        self.dist.barrier()
         return result
 
     def _evaluate(self, tag: str) -> dict:
@@ -554,8 +578,10 @@ class Trainer:
                         self.step, self.run_name)
             return {"interrupted": True, "step": self.step}
         adapter_dir = Path(cfg.paths.adapted_models) / self.run_name
+        adapter_state = self.dist.full_trainable_state(self.model)
         if self.dist.is_main:
-            save_adapter(self.model, adapter_dir)
+            save_adapter(self.model, adapter_dir, adapter_state)
+        self.dist.barrier()
         after = self.evaluate("after")
         summary = {"before": before, "after": after, "steps": self.step, "adapter": str(adapter_dir)}
         if not self.dist.is_main:
@@ -597,9 +623,11 @@ def lr_factor(tcfg):
     return factor
 
 
-def save_adapter(model, dest: Path) -> Path:
-    """The final adapter, loadable by plain `PeftModel.from_pretrained(base, dest)`; written atomically."""
-    return checkpoints.write_folder_atomic(dest, lambda tmp: model.save_pretrained(tmp))
+def save_adapter(model, dest: Path, state: Optional[dict] = None) -> Path:
+    """The final adapter, loadable by plain `PeftModel.from_pretrained(base, dest)`; written atomically.
+    state: the trainable tensors whole, where the model holds only shards of them (FSDP)."""
+    extra = {"state_dict": state} if state is not None else {}
+    return checkpoints.write_folder_atomic(dest, lambda tmp: model.save_pretrained(tmp, **extra))
 
 
 def merge_replayed(traj: Trajectories, replayed: list, eos_id: int, device) -> Trajectories:

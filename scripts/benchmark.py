@@ -417,32 +417,94 @@ def _unmasked_task(cfg, tok):
     return build_task(OmegaConf.create(task_cfg), tok, cfg.model.chat_template, cfg.paths.root)
 
 
+CURVE_KEYS = ("score_mean", "valid_fraction", "n_above_threshold", "unique_fraction", "semantic_diversity",
+              "exact_kl", "kl_to_target")
+
+
+def _curve_point(model, tok, task, n: int, threshold: float, seed: int, batch_size: int, step: int) -> dict:
+    """The policy's metrics at `step`, mid-training: the same evaluation as the final one, with the
+    global RNG state and the train/eval mode put back afterwards (training continues unperturbed)."""
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]):
+        e = _evaluate_policy(model, tok, task, n, threshold, seed, batch_size)
+    model.train(was_training)
+    return {"step": step, **{k: e.get(k) for k in CURVE_KEYS}}
+
+
+def _grpo_curve_callback(tok, task, n: int, threshold: float, seed: int, batch_size: int, every: int,
+                         points: list[dict]):
+    from transformers import TrainerCallback
+
+    class _Curve(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                points.append(_curve_point(model, tok, task, n, threshold, seed, batch_size, state.global_step))
+
+    return _Curve()
+
+
+def _probe_step_s(model_name: str, device, overrides: list[str], steps: int = 3) -> float:
+    """Median seconds of one of our steps after a warm-up step (a throwaway trainer)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gfodg-probe-") as tmpdir:
+        trainer = _our_trainer(model_name, device, [*overrides, f"trainer.max_steps={steps + 1}"], Path(tmpdir))
+        step_s, _ = _time_ours(trainer, steps)
+        del trainer
+    return step_s
+
+
 def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, int], n_eval: dict[str, int],
-                  methods: list[str], extra: list[str] = ()) -> list[dict]:
-    """Per task, each method trained for the same number of steps on the same prompts and batch
-    (K per prompt, prompts per step, learning rate and schedule of the task's experiment config),
-    then evaluated by gf_odg.evaluation on the same n samples from the same seed, under the task's
-    constraint mask. `grpo` is TRL's GRPOTrainer on the same model load, LoRA and reward (sampling
-    without our mask); `base` the untrained model."""
+                  methods: list[str], extra: list[str] = (), budget: str = "steps", curve_every: int = 0) -> list[dict]:
+    """Per task, each method trained on the same prompts and batch (K per prompt, prompts per step,
+    learning rate and schedule of the task's experiment config), then evaluated by gf_odg.evaluation
+    on the same n samples from the same seed, under the task's constraint mask. `grpo` is TRL's
+    GRPOTrainer on the same model load, LoRA and reward (sampling without our mask); `base` the
+    untrained model.
+
+    budget "steps": every trained method takes `steps[task]` steps. budget "time": GRPO runs first for
+    `steps[task]` steps and the seconds its steps took are the budget; each of our methods then takes
+    as many steps as fit in it at its own step time (probed on a throwaway trainer: median of 3 after
+    a warm-up), so the learning-rate schedule runs to its end on both sides.
+    curve_every > 0: each trained method is also evaluated every that many steps (same samples count
+    and seed), which gives the score-diversity path of training and the matched-score comparison."""
     import tempfile
 
     from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
     from gf_odg.trainer import build_policy_and_task, seed_everything
 
+    if budget not in ("steps", "time"):
+        raise SystemExit(f"--quality-budget must be 'steps' or 'time', got {budget!r}")
+    if budget == "time":
+        if "grpo" not in methods:
+            raise SystemExit("--quality-budget time takes its budget from GRPO's run: add grpo to --quality-methods")
+        methods = ["grpo", *[m for m in methods if m != "grpo"]]
     rows = []
     for task_name in tasks:
         task_overrides, threshold = QUALITY_TASKS[task_name]
         n = n_eval[task_name]
+        budget_s = None
         for method in methods:
             objective = {"grpo": "rloo", "base": "tb"}.get(method, method)
-            overrides = [*task_overrides, f"objective={objective}", f"trainer.max_steps={steps[task_name]}", *extra]
+            base_overrides = [*task_overrides, f"objective={objective}", *extra]
             if objective == "rloo":  # a pure maximiser of the score: no p_ref in its reward, no reference pass
-                overrides.append("objective.ref_weight=0")
-            row: dict = {"task": task_name, "method": method, "steps": steps[task_name] if method != "base" else 0,
-                         "eval_samples": n, "threshold": threshold}
+                base_overrides.append("objective.ref_weight=0")
+            n_steps = steps[task_name]
+            row: dict = {"task": task_name, "method": method, "eval_samples": n, "threshold": threshold,
+                         "budget": budget}
+            if budget == "time" and method in ("tb", "vargrad", "rloo"):
+                row["probe_step_s"] = _probe_step_s(model_name, device, base_overrides)
+                row["budget_s"] = budget_s
+                n_steps = max(1, int(budget_s // row["probe_step_s"]))
+                print(f"  quality {task_name} {method}: {row['probe_step_s']:.2f} s/step probed -> {n_steps} steps "
+                      f"in {budget_s:.0f} s", flush=True)
+            row["steps"] = n_steps if method != "base" else 0
+            overrides = [*base_overrides, f"trainer.max_steps={n_steps}"]
+            curve: list[dict] = []
             with tempfile.TemporaryDirectory(prefix=f"gfodg-quality-{task_name}-{method}-") as tmpdir:
                 tmp = Path(tmpdir)
                 t_start = time.perf_counter()
+                curve_s = 0.0
                 if method in ("tb", "vargrad", "rloo"):
                     trainer = _our_trainer(model_name, device, overrides, tmp)
                     cfg, model, tok, task = trainer.cfg, trainer.model, trainer.tokenizer, trainer.task
@@ -454,6 +516,11 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                         trainer.step += 1
                         times.append(time.perf_counter() - t0)
                         valid.append(metrics["reward/valid_fraction"])
+                        if curve_every and trainer.step % curve_every == 0 and trainer.step < cfg.trainer.max_steps:
+                            t0 = time.perf_counter()
+                            curve.append(_curve_point(model, tok, task, n, threshold, cfg.seed + 1000,
+                                                      cfg.task.evaluation.batch_size, trainer.step))
+                            curve_s += time.perf_counter() - t0
                     row["train_valid_fraction"] = statistics.fmean(valid[-10:])
                     row["sampled_with_constraint_mask"] = True
                 else:
@@ -470,6 +537,10 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                                          device=device)
                         trainer, trl_reward, timer, info = build_grpo_trainer(model, tok, task, args,
                                                                               cfg.objective.log_reward_min)
+                        if curve_every:  # after the timer: evaluation time is not step time
+                            trainer.add_callback(_grpo_curve_callback(tok, task, n, threshold, cfg.seed + 1000,
+                                                                      cfg.task.evaluation.batch_size, curve_every,
+                                                                      curve))
                         trainer.train()
                         times = timer.times
                         row.update(info)
@@ -478,13 +549,19 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                         row["sampled_with_constraint_mask"] = False
                         model = trainer.model
                         del trainer
+                        if budget == "time":
+                            budget_s = sum(times)
                 row["train_s"] = time.perf_counter() - t_start
+                row["train_step_s_total"] = sum(times)
                 row["step_s"] = statistics.median(times) if times else None
                 row["step_s_mean"] = statistics.fmean(times) if times else None
                 row["K"], row["prompts_per_step"] = cfg.trainer.samples_per_prompt, cfg.trainer.prompts_per_step
                 t0 = time.perf_counter()
                 row["eval"] = _evaluate_policy(model, tok, task, n, threshold, cfg.seed + 1000,
                                                cfg.task.evaluation.batch_size)
+                if curve_every and method != "base":
+                    row["curve"] = [*curve, {"step": row["steps"], **{k: row["eval"].get(k) for k in CURVE_KEYS}}]
+                    row["curve_eval_s"] = curve_s
                 if task_name == "rng":  # the same policy without the mask: what it writes on its own
                     free = _unmasked_task(cfg, tok)
                     free_eval = _evaluate_policy(model, tok, free, n, threshold, cfg.seed + 1000,
@@ -495,11 +572,42 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                 del model
             rows.append(row)
             e = row["eval"]
-            print(f"  quality {task_name} {method}: score {e.get('score_mean', math.nan):.3f}, valid "
-                  f"{e.get('valid_fraction', math.nan):.3f}, distinct high-reward {e.get('n_above_threshold')}, "
+            print(f"  quality {task_name} {method}: {row['steps']} steps, score {e.get('score_mean', math.nan):.3f}, "
+                  f"valid {e.get('valid_fraction', math.nan):.3f}, distinct high-reward {e.get('n_above_threshold')}, "
                   f"semantic diversity {e.get('semantic_diversity', math.nan):.3f}, exact KL {e.get('exact_kl', '-')}, "
                   f"{row['step_s'] or 0:.2f} s/step", flush=True)
+    matched_score(rows)
     return rows
+
+
+def matched_score(rows: list[dict]) -> None:
+    """For each of our trained methods, GRPO's distinct high-reward count at the same mean score,
+    read off GRPO's training path (the base model as step 0, its curve points, its final policy) by
+    linear interpolation in the score between the first two consecutive points that bracket ours.
+    Stored as row["matched"]; nothing where GRPO's path never reaches that score."""
+    for task in dict.fromkeys(r["task"] for r in rows):
+        grpo = next((r for r in rows if r["task"] == task and r["method"] == "grpo" and r.get("curve")), None)
+        if grpo is None:
+            continue
+        base = next((r for r in rows if r["task"] == task and r["method"] == "base"), None)
+        path = ([{"step": 0, **{k: base["eval"].get(k) for k in CURVE_KEYS}}] if base else []) + grpo["curve"]
+        scores = [p["score_mean"] for p in path]
+        if max(scores) - min(scores) < 1e-6:  # no score signal to match on (rng: every valid integer scores alike)
+            continue
+        for r in rows:
+            if r["task"] != task or r["method"] in ("grpo", "base"):
+                continue
+            score, ours = r["eval"].get("score_mean"), r["eval"].get("n_above_threshold")
+            for a, b in zip(path, path[1:]):
+                lo, hi = sorted((a["score_mean"], b["score_mean"]))
+                if lo <= score <= hi:
+                    w = 0.0 if hi == lo else (score - a["score_mean"]) / (b["score_mean"] - a["score_mean"])
+                    theirs = a["n_above_threshold"] + w * (b["n_above_threshold"] - a["n_above_threshold"])
+                    sem = a["semantic_diversity"] + w * (b["semantic_diversity"] - a["semantic_diversity"])
+                    r["matched"] = {"score": score, "grpo_steps": [a["step"], b["step"]],
+                                    "grpo_n_above_threshold": theirs, "grpo_semantic_diversity": sem,
+                                    "ratio": ours / theirs if theirs else math.inf}
+                    break
 
 
 # ----------------------------------------------------------------------------- report
@@ -561,7 +669,9 @@ def _num(value, fmt: str = ".3f") -> str:
 
 
 def quality_table(rows: list[dict]) -> list[str]:
-    lines = ["Quality after the same number of steps on the same prompts and batch; evaluated by "
+    budget = ("the same training seconds (GRPO's; steps differ)" if rows and rows[0].get("budget") == "time"
+              else "the same number of steps")
+    lines = [f"Quality after {budget} on the same prompts and batch; evaluated by "
              "gf_odg.evaluation under the task's constraint mask (same samples count and seed for every method):", "",
              "| task | method | steps | K x prompts | score mean | valid | distinct high-reward | unique fraction | "
              "semantic diversity | KL to target, sampled | KL, exact | train valid (last 10 steps) | s / step |",
@@ -581,6 +691,19 @@ def quality_table(rows: list[dict]) -> list[str]:
             u = r["eval_unmasked"]
             lines.append(f"| {r['task']} | {r['method']} | {_num(u.get('valid_fraction'))} | {_num(u.get('distinct'))} | "
                          f"{_num(u.get('kl_to_target'))} |")
+    matched = [r for r in rows if r.get("matched")]
+    if matched:
+        lines += ["", "At matched mean score: GRPO's distinct high-reward completions and semantic diversity where "
+                  "its training path (base model, every curve point, final) crosses our final mean score "
+                  "(linear in the score between the two GRPO points that bracket it):", "",
+                  "| task | method | score mean | distinct high-reward, ours / GRPO | ratio | semantic diversity, "
+                  "ours / GRPO | GRPO between steps |", "|---|---|---|---|---|---|---|"]
+        for r in matched:
+            m = r["matched"]
+            lines.append(f"| {r['task']} | {r['method']} | {m['score']:.3f} | {r['eval']['n_above_threshold']} / "
+                         f"{m['grpo_n_above_threshold']:.1f} | {m['ratio']:.2f}x | "
+                         f"{_num(r['eval'].get('semantic_diversity'))} / {m['grpo_semantic_diversity']:.3f} | "
+                         f"{m['grpo_steps'][0]}-{m['grpo_steps'][1]} |")
     lines.append("")
     return lines
 
@@ -617,6 +740,9 @@ def plot_extra(report: dict, out: Path) -> list[Path]:
             for r in (r for r in rows if r["task"] == task):
                 e = r["eval"]
                 y = e.get("n_above_threshold") or 0
+                if r.get("curve"):  # the training path, final point last
+                    ax.plot([p["score_mean"] for p in r["curve"]], [p["n_above_threshold"] or 0 for p in r["curve"]],
+                            marker=".", lw=1, alpha=0.6)
                 ax.scatter([e.get("score_mean", math.nan)], [y], s=40)
                 ax.annotate(r["method"], (e.get("score_mean", math.nan), y), fontsize=8, xytext=(3, 3),
                             textcoords="offset points")
@@ -675,6 +801,10 @@ def main() -> None:
     parser.add_argument("--quality-eval", default="rng=512,keywords=128", help="evaluation samples per task")
     parser.add_argument("--quality-methods", default="base,tb,vargrad,rloo,grpo")
     parser.add_argument("--quality-overrides", default="", help="space-separated Hydra overrides for the quality runs")
+    parser.add_argument("--quality-budget", default="steps", choices=("steps", "time"),
+                        help="steps: the same steps for every method; time: GRPO's training seconds for every method")
+    parser.add_argument("--quality-curve", type=int, default=0,
+                        help="also evaluate every N steps (the training path; matched-score comparison with GRPO)")
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -715,8 +845,10 @@ def main() -> None:
             extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
         report["quality"] = bench_quality(args.model, device, args.quality_tasks.split(","),
                                           per_task(args.quality_steps), per_task(args.quality_eval),
-                                          args.quality_methods.split(","), extra)
+                                          args.quality_methods.split(","), extra, args.quality_budget,
+                                          args.quality_curve)
         report["quality_overrides"] = extra
+        report["quality_budget"] = args.quality_budget
     out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(jsonable(report), indent=2))

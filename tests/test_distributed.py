@@ -67,7 +67,9 @@ def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
 
 
 def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
-    """Stop a 2-process run at step 2, resume it to step 4: the same adapter, log Z and losses as 4 steps straight."""
+    """Stop a 2-process run at step 2, resume it to step 4: the same adapter, log Z and losses as 4 steps straight.
+    The same with accelerate/fsdp.yaml (decoder layers sharded by FSDP2, gloo): the same adapter and log Z as
+    the data-parallel run, through a stop and a resume; a data-parallel checkpoint is not resumed under FSDP."""
     common = [*TINY, "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2", "logger=none",
               "exploration.replay.enabled=true", "exploration.replay.fraction=0.25", "seed=7",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
@@ -99,3 +101,72 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(straight_losses[step], abs=1e-6)
+
+    # FSDP: stopped at step 2 and resumed to 4, the data-parallel result (same seeds, same samples).
+    first = _fsdp_launch([str(ROOT / "train.py"), *common, "trainer.max_steps=2", "run_name=fsdp",
+                          f"hydra.run.dir={tmp_path}/fsdp1"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _fsdp_launch([str(ROOT / "train.py"), *common, "trainer.max_steps=4", "run_name=fsdp", "resume=auto",
+                           f"hydra.run.dir={tmp_path}/fsdp2"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("Evaluation of rng") == 1  # rank 0 evaluates, on the gathered layers
+    c = load_file(str(tmp_path / "adapted" / "fsdp" / "adapter_model.safetensors"))
+    assert c.keys() == a.keys()
+    for key in a:
+        assert torch.allclose(c[key], a[key], atol=1e-6), key
+    sc = torch.load(tmp_path / "checkpoints" / "fsdp" / "step_000004" / "state.pt", weights_only=True)
+    assert torch.allclose(sc["log_z"]["value"], sa["log_z"]["value"], atol=1e-6)
+    # FSDP checkpoints hold each process's shard of the optimizer state; data-parallel ones the whole state.
+    assert sc["optimizer"] is None and all(p["optimizer"] for p in sc["processes"])
+    assert losses("fsdp2") == pytest.approx({s: straight_losses[s] for s in (3, 4)}, rel=1e-6)  # fp32 sums
+
+    # A data-parallel checkpoint resumed under FSDP is refused, clearly, and writes nothing.
+    before = sorted(p.name for p in (tmp_path / "checkpoints" / "straight").iterdir())
+    mixed = _fsdp_launch([str(ROOT / "train.py"), *common, "trainer.max_steps=6", "run_name=straight", "resume=auto",
+                          f"hydra.run.dir={tmp_path}/mixed"], tmp_path)
+    assert mixed.returncode != 0
+    assert "without FSDP sharding" in mixed.stderr and "[rank0]: Traceback" not in mixed.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "straight").iterdir()) == before
+
+
+def _fsdp_launch(args: list[str], tmp_path, timeout: int = 600):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / "fsdp.yaml"),
+           "--num_processes", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _fsdp_launch(args: list[str], tmp_path, timeout: int = 600):
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / "fsdp.yaml"),
+           "--num_processes", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+])
+def test_unsupported_launch_configs_are_refused_clearly(monkeypatch, env, message):
+    from gf_odg.distributed import Dist
+    from gf_odg.errors import ConfigError
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=message):
+        Dist()
+
+
+def test_fsdp_refuses_a_4bit_model_clearly(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from gf_odg.distributed import Dist
+    from gf_odg.errors import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    d = Dist()
+    d.world_size = 2  # as under a two-process launch; the check comes before any process-group call
+    with pytest.raises(ConfigError, match="accelerate/ddp.yaml"):
+        d.shard(None, OmegaConf.create({"quantization": {"load_in_4bit": True}}))
