@@ -6,6 +6,7 @@ measured in the same process and run. Figures are ratios; nothing here is a time
     uv run python scripts/benchmark.py --model tiny-random --quick   # seconds; what the tests run
     uv run python scripts/benchmark.py --sections trl_step --ks 16,32
     uv run python scripts/benchmark.py --sections quality --quality-tasks rng --quality-steps rng=100
+    uv run python scripts/benchmark.py --sections quality --quality-tasks keywords --quality-budget time --quality-curve 2
 
 Sections:
 - prefill: one training step's sampling and scoring (forward + backward) of K completions of one
@@ -26,6 +27,10 @@ Sections:
   target (rng, sampled and exact), seconds per step (`--quality-steps rng=100,keywords=20`,
   `--quality-eval`, `--quality-methods`, `--quality-overrides`). GRPO's LoRA is evaluated in
   memory by the same code (`gf_odg/grpo_baseline.py` says how GRPO is set up).
+  `--quality-budget time`: GRPO trains its steps first and every other method gets the same
+  training seconds (as many steps as fit at its own probed step time). `--quality-curve N`: also
+  evaluate every N steps; with GRPO's path, each of our methods is compared with GRPO at the same
+  mean score (its distinct high-reward count where GRPO's path crosses our final score).
 
 Writes benchmark.md, benchmark.json and benchmark*.png to --out (default outputs/benchmark/<time>).
 """
@@ -455,7 +460,8 @@ def _probe_step_s(model_name: str, device, overrides: list[str], steps: int = 3)
 
 
 def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, int], n_eval: dict[str, int],
-                  methods: list[str], extra: list[str] = (), budget: str = "steps", curve_every: int = 0) -> list[dict]:
+                  methods: list[str], extra: list[str] = (), budget: str = "steps", curve_every: int = 0,
+                  curve_methods: tuple[str, ...] = ("tb", "vargrad", "rloo", "grpo")) -> list[dict]:
     """Per task, each method trained on the same prompts and batch (K per prompt, prompts per step,
     learning rate and schedule of the task's experiment config), then evaluated by gf_odg.evaluation
     on the same n samples from the same seed, under the task's constraint mask. `grpo` is TRL's
@@ -466,8 +472,9 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
     `steps[task]` steps and the seconds its steps took are the budget; each of our methods then takes
     as many steps as fit in it at its own step time (probed on a throwaway trainer: median of 3 after
     a warm-up), so the learning-rate schedule runs to its end on both sides.
-    curve_every > 0: each trained method is also evaluated every that many steps (same samples count
-    and seed), which gives the score-diversity path of training and the matched-score comparison."""
+    curve_every > 0: each trained method in `curve_methods` is also evaluated every that many steps
+    (same samples count and seed), which gives the score-diversity path of training and, for GRPO,
+    the matched-score comparison."""
     import tempfile
 
     from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
@@ -501,6 +508,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
             row["steps"] = n_steps if method != "base" else 0
             overrides = [*base_overrides, f"trainer.max_steps={n_steps}"]
             curve: list[dict] = []
+            every = curve_every if method in curve_methods else 0
             with tempfile.TemporaryDirectory(prefix=f"gfodg-quality-{task_name}-{method}-") as tmpdir:
                 tmp = Path(tmpdir)
                 t_start = time.perf_counter()
@@ -516,7 +524,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                         trainer.step += 1
                         times.append(time.perf_counter() - t0)
                         valid.append(metrics["reward/valid_fraction"])
-                        if curve_every and trainer.step % curve_every == 0 and trainer.step < cfg.trainer.max_steps:
+                        if every and trainer.step % every == 0 and trainer.step < cfg.trainer.max_steps:
                             t0 = time.perf_counter()
                             curve.append(_curve_point(model, tok, task, n, threshold, cfg.seed + 1000,
                                                       cfg.task.evaluation.batch_size, trainer.step))
@@ -537,10 +545,9 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                                          device=device)
                         trainer, trl_reward, timer, info = build_grpo_trainer(model, tok, task, args,
                                                                               cfg.objective.log_reward_min)
-                        if curve_every:  # after the timer: evaluation time is not step time
+                        if every:  # after the timer: evaluation time is not step time
                             trainer.add_callback(_grpo_curve_callback(tok, task, n, threshold, cfg.seed + 1000,
-                                                                      cfg.task.evaluation.batch_size, curve_every,
-                                                                      curve))
+                                                                      cfg.task.evaluation.batch_size, every, curve))
                         trainer.train()
                         times = timer.times
                         row.update(info)
@@ -559,7 +566,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                 t0 = time.perf_counter()
                 row["eval"] = _evaluate_policy(model, tok, task, n, threshold, cfg.seed + 1000,
                                                cfg.task.evaluation.batch_size)
-                if curve_every and method != "base":
+                if every and method != "base":
                     row["curve"] = [*curve, {"step": row["steps"], **{k: row["eval"].get(k) for k in CURVE_KEYS}}]
                     row["curve_eval_s"] = curve_s
                 if task_name == "rng":  # the same policy without the mask: what it writes on its own
@@ -805,6 +812,8 @@ def main() -> None:
                         help="steps: the same steps for every method; time: GRPO's training seconds for every method")
     parser.add_argument("--quality-curve", type=int, default=0,
                         help="also evaluate every N steps (the training path; matched-score comparison with GRPO)")
+    parser.add_argument("--quality-curve-methods", default="tb,vargrad,rloo,grpo",
+                        help="the trained methods that --quality-curve evaluates along the way")
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
@@ -846,7 +855,7 @@ def main() -> None:
         report["quality"] = bench_quality(args.model, device, args.quality_tasks.split(","),
                                           per_task(args.quality_steps), per_task(args.quality_eval),
                                           args.quality_methods.split(","), extra, args.quality_budget,
-                                          args.quality_curve)
+                                          args.quality_curve, tuple(args.quality_curve_methods.split(",")))
         report["quality_overrides"] = extra
         report["quality_budget"] = args.quality_budget
     out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))

@@ -18,7 +18,8 @@ def test_trl_step_and_quality_sections_run_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random", "--quick",
                              "--sections", "trl_step,quality", "--quality-tasks", "rng",
-                             "--quality-methods", ",".join(METHODS), "--out", str(out)],
+                             "--quality-methods", ",".join(METHODS), "--quality-budget", "time",
+                             "--quality-curve", "1", "--quality-curve-methods", "grpo", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "WANDB_MODE": "disabled"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,9 +49,58 @@ def test_trl_step_and_quality_sections_run_on_the_tiny_model(tmp_path):
         if method == "base":
             assert row["steps"] == 0 and row["step_s"] is None
         else:
-            assert row["steps"] == 2 and math.isfinite(row["step_s"]) and row["step_s"] > 0, method
+            assert math.isfinite(row["step_s"]) and row["step_s"] > 0, method
+    # --quality-budget time: GRPO's 2 steps set the seconds; ours take as many steps as fit at their probed pace.
+    budget = rows["grpo"]["train_step_s_total"]
+    assert rows["grpo"]["steps"] == 2 and budget > 0
+    for method in ("tb", "vargrad", "rloo"):
+        row = rows[method]
+        assert row["budget_s"] == budget and row["probe_step_s"] > 0
+        assert row["steps"] == max(1, int(budget // row["probe_step_s"])), method
+        assert "curve" not in row  # --quality-curve-methods grpo
+    # --quality-curve 1: GRPO evaluated after step 1, and its final policy as the path's last point.
+    assert [p["step"] for p in rows["grpo"]["curve"]] == [1, 2]
+    assert rows["grpo"]["curve"][-1]["n_above_threshold"] == rows["grpo"]["eval"]["n_above_threshold"]
     assert rows["grpo"]["sampled_with_constraint_mask"] is False and rows["tb"]["sampled_with_constraint_mask"] is True
 
     md = (out / "benchmark.md").read_text()
     assert md.startswith("Machine:") and "TRL GRPO" in md and "| rng | grpo |" in md
     assert (out / "benchmark_trl_step.png").stat().st_size > 0 and (out / "benchmark_quality.png").stat().st_size > 0
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gfodg_benchmark", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(step, score, above, sem=0.5):
+    return {"step": step, "score_mean": score, "n_above_threshold": above, "semantic_diversity": sem}
+
+
+def test_matched_score_reads_grpo_path_at_our_score():
+    bench = _benchmark_module()
+    base = {"task": "kw", "method": "base", "eval": _point(0, -1.0, 6, 0.8)}
+    grpo = {"task": "kw", "method": "grpo", "eval": _point(4, 2.0, 30, 0.2),
+            "curve": [_point(2, 0.0, 10, 0.6), _point(4, 2.0, 30, 0.2)]}
+    ours = {"task": "kw", "method": "tb", "eval": _point(9, 1.0, 40, 0.7)}
+    beyond = {"task": "kw", "method": "vargrad", "eval": _point(9, 2.5, 50)}  # GRPO's path never got there
+    rows = [base, grpo, ours, beyond]
+    bench.matched_score(rows)
+    m = ours["matched"]
+    assert m["grpo_steps"] == [2, 4] and m["grpo_n_above_threshold"] == 20.0 and m["ratio"] == 2.0
+    assert abs(m["grpo_semantic_diversity"] - 0.4) < 1e-12
+    assert "matched" not in beyond and "matched" not in grpo
+    # Below GRPO's second point: between the base model (step 0) and step 2.
+    low = {"task": "kw", "method": "rloo", "eval": _point(9, -0.5, 9)}
+    bench.matched_score([base, grpo, low])
+    assert low["matched"]["grpo_steps"] == [0, 2] and low["matched"]["grpo_n_above_threshold"] == 8.0
+    # A task whose scores do not move (rng: every valid integer scores alike) has nothing to match on.
+    flat = [{"task": "rng", "method": r["method"], "eval": dict(r["eval"], score_mean=-4.6)} for r in (base, ours)]
+    flat.append({"task": "rng", "method": "grpo", "eval": _point(4, -4.6, 1),
+                 "curve": [_point(2, -4.6, 3), _point(4, -4.6, 1)]})
+    bench.matched_score(flat)
+    assert all("matched" not in r for r in flat)
