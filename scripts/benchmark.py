@@ -17,6 +17,10 @@ Sections:
   a full float32 log_softmax over [B, T, V], on a tiny model with a 128k vocabulary.
 - overhead: our full step (sample + reward + score + optimiser) against the same batch through raw
   `model.generate`, the reward and one raw forward/backward, and where our step time goes.
+- sharding (not in the default sections): the same training with full-precision weights + LoRA
+  launched data parallel (accelerate/ddp.yaml) and FSDP-sharded (accelerate/fsdp.yaml),
+  `--shard-processes` processes each: parameter memory held per process, peak memory, seconds per
+  step, loss and gradient norm (which should agree between the two).
 - trl_step: our training step (TB) against one optimiser step of TRL's GRPOTrainer on the same batch:
   the rng chat prompt, K = num_generations completions, the same max new tokens, model load and
   LoRA, no reference model on either side (GRPO beta = 0), both in this process, median after a
@@ -297,6 +301,77 @@ def bench_scale(model_name: str, device, k: int, steps: int, variants: dict[str,
         del trainer
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- sharding
+def _shard_child(spec: dict) -> None:
+    """One process of bench_sharding, under `accelerate launch`: set up the trainer, run a warm-up
+    step and `steps` timed steps, print this process's figures as one `SHARD {json}` line."""
+    import resource
+    import tempfile
+
+    from torch.distributed.tensor import DTensor
+
+    from gf_odg.trainer import Trainer
+
+    local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="gfodg-shard-") as tmpdir:
+        cfg = compose([f"model={spec['model']}", *spec["overrides"], "logger=none", "trainer.progress=false",
+                       "trainer.threads=1", f"trainer.samples_per_prompt={spec['k']}", "trainer.max_steps=1000",
+                       "run_name=benchmark-shard", f"paths.checkpoints={tmpdir}/c", f"paths.adapted_models={tmpdir}/a"])
+        trainer = Trainer(cfg, Path(tmpdir) / "run")
+        trainer.setup()
+        cuda = trainer.device.type == "cuda"
+        held = sum(local(p).numel() * local(p).element_size() for p in trainer.model.parameters())
+        trainer.train_step(trainer.collect())
+        trainer.step += 1
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times, metrics = [], {}
+        for _ in range(spec["steps"]):
+            sync(trainer.device)
+            t0 = time.perf_counter()
+            metrics = trainer.train_step(trainer.collect())
+            trainer.step += 1
+            sync(trainer.device)
+            times.append(time.perf_counter() - t0)
+        row = {"rank": trainer.dist.rank, "world_size": trainer.dist.world_size, "sharded": trainer.dist.sharded,
+               "param_mb_held": held / 2**20, "step_s": statistics.median(times), "loss": metrics["loss"],
+               "grad_norm": metrics["grad_norm"],
+               "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        trainer.close()
+    print("SHARD " + json.dumps(row), flush=True)
+
+
+def bench_sharding(model_name: str, device, k: int, steps: int, processes: int) -> list[dict]:
+    """The same training (full-precision weights + LoRA) launched data parallel (accelerate/ddp.yaml)
+    and with the decoder layers sharded (accelerate/fsdp.yaml), `processes` processes each: parameter
+    memory each process holds after sharding, peak memory, seconds per step, and the first process's
+    loss and gradient norm after the same steps (they should agree: the same computation)."""
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    overrides = [*OVERRIDES, "model.quantization.load_in_4bit=false", f"model.dtype={dtype}"]
+    rows = []
+    for name in ("ddp", "fsdp"):
+        spec = {"model": model_name, "overrides": overrides, "k": k, "steps": steps}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / f"{name}.yaml"),
+               "--num_processes", str(processes), str(Path(__file__).resolve()), "--_shard-child", json.dumps(spec)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"sharding benchmark, {name}.yaml: the launch failed:\n{result.stderr[-3000:]}")
+        ranks = sorted((json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("SHARD ")),
+                       key=lambda r: r["rank"])
+        first = ranks[0]
+        row = {"launch": f"{name}.yaml", "processes": len(ranks), "dtype": dtype, "K": k,
+               "sharded": first["sharded"], "param_mb_held": max(r["param_mb_held"] for r in ranks),
+               "peak_gpu_mb": first["peak_gpu_mb"] and max(r["peak_gpu_mb"] for r in ranks),
+               "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "step_s": max(r["step_s"] for r in ranks),
+               "loss_rank0": first["loss"], "grad_norm": first["grad_norm"]}
+        rows.append(row)
+        print(f"  sharding {name}: {row['param_mb_held']:.0f} MB of parameters per process, "
+              f"{row['step_s']:.2f} s/step, grad norm {row['grad_norm']:.4f}", flush=True)
     return rows
 
 
@@ -659,6 +734,14 @@ def markdown(report: dict) -> str:
                          f"{r['ratio_unmasked']:.2f}x | {r['ours_masked_length_mean']:.2f} / "
                          f"{r['ours_unmasked_length_mean']:.2f} / {r['trl_length_mean']:.2f} |")
         lines.append("")
+    if report.get("sharding"):
+        lines += ["| launch | processes | dtype | K | parameter MB held per process | peak GPU MB | peak RSS MB | "
+                  "s / step | loss (rank 0) | grad norm |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["sharding"]:
+            lines.append(f"| {r['launch']} | {r['processes']} | {r['dtype']} | {r['K']} | {r['param_mb_held']:.0f} | "
+                         f"{_num(r['peak_gpu_mb'], '.0f')} | {r['peak_rss_mb']:.0f} | {r['step_s']:.2f} | "
+                         f"{r['loss_rank0']:.4f} | {r['grad_norm']:.4f} |")
+        lines.append("")
     if report.get("quality"):
         lines += quality_table(report["quality"])
     if report.get("overhead"):
@@ -814,12 +897,18 @@ def main() -> None:
                         help="also evaluate every N steps (the training path; matched-score comparison with GRPO)")
     parser.add_argument("--quality-curve-methods", default="tb,vargrad,rloo,grpo",
                         help="the trained methods that --quality-curve evaluates along the way")
+    parser.add_argument("--shard-processes", type=int, default=2)
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--_shard-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
         variant, vocab, batch, width, device = args._memory_child
         torch.set_num_threads(1)
         print(json.dumps(_memory_child(variant, int(vocab), int(batch), int(width), device)))
+        return
+    if args._shard_child:
+        torch.set_num_threads(1)
+        _shard_child(json.loads(args._shard_child))
         return
     torch.set_num_threads(args.threads)
     OVERRIDES.extend(args.overrides.split())
@@ -845,6 +934,8 @@ def main() -> None:
         variants = {"4-bit NF4 + LoRA": ["model.quantization.load_in_4bit=true"],
                     "bf16 + LoRA": ["model.quantization.load_in_4bit=false", "model.dtype=bfloat16"]}
         report["scale"] = bench_scale(args.model, device, max(ks), args.scale_steps, variants)
+    if "sharding" in sections:
+        report["sharding"] = bench_sharding(args.model, device, min(ks), args.scale_steps, args.shard_processes)
     if "trl_step" in sections:
         report["trl_step"] = bench_trl_step(args.model, device, ks, args.repeats)
     if "quality" in sections:
