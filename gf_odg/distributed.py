@@ -8,8 +8,13 @@ does, done by hand because the sampler and scorer call the transformer body and 
 projection directly (a `DistributedDataParallel` wrapper only hooks the outer `forward`). The
 parameters start equal (same seed) and stay equal (same averaged gradient, same optimiser).
 
+Under an FSDP launch (accelerate/fsdp.yaml) the decoder layers are sharded instead, by torch's
+FSDP2 `fully_shard` (`Dist.shard`): each process holds its shard of every layer's weights, FSDP
+reduce-scatters the LoRA gradients, and generation runs in lockstep, since every forward call of a
+sharded layer gathers its weights from all processes.
+
 One process (rank 0) logs to W&B and writes checkpoints, adapters and eval.json; the others
-contribute their metrics, replay buffers and RNG states to it.
+contribute their metrics, replay buffers and RNG states (and, under FSDP, optimizer shards) to it.
 """
 
 from __future__ import annotations

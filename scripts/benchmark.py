@@ -699,6 +699,12 @@ def machine() -> str:
     return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table, then a blank line."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]
+
+
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report['machine']}; model: {report['model']}; {report['date']}", ""]
     if report.get("prefill"):
@@ -724,24 +730,19 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("trl_step"):
         lines += ["Our step against TRL GRPOTrainer's on the same batch (rng chat prompt, ours: TB; GRPO: beta = 0; "
-                  "median of the timed steps after a warm-up; TRL samples without our constraint mask):", "",
-                  "| K | prompt tokens | max new tokens | ours, masked (s) | ours, unmasked (s) | TRL GRPO (s) | "
-                  "ratio ours/TRL masked | unmasked | mean length ours masked / unmasked / TRL |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in report["trl_step"]:
-            lines.append(f"| {r['K']} | {r['prompt_tokens']} | {r['max_new_tokens']} | {r['ours_masked_step_s']:.3f} | "
-                         f"{r['ours_unmasked_step_s']:.3f} | {r['trl_step_s']:.3f} | {r['ratio_masked']:.2f}x | "
-                         f"{r['ratio_unmasked']:.2f}x | {r['ours_masked_length_mean']:.2f} / "
-                         f"{r['ours_unmasked_length_mean']:.2f} / {r['trl_length_mean']:.2f} |")
-        lines.append("")
+                  "median of the timed steps after a warm-up; TRL samples without our constraint mask):", ""]
+        lines += _table(["K", "prompt tokens", "max new tokens", "ours, masked (s)", "ours, unmasked (s)",
+                         "TRL GRPO (s)", "ratio ours/TRL masked", "unmasked", "mean length ours masked / unmasked / TRL"],
+                        [[r["K"], r["prompt_tokens"], r["max_new_tokens"], f"{r['ours_masked_step_s']:.3f}",
+                          f"{r['ours_unmasked_step_s']:.3f}", f"{r['trl_step_s']:.3f}", f"{r['ratio_masked']:.2f}x",
+                          f"{r['ratio_unmasked']:.2f}x", f"{r['ours_masked_length_mean']:.2f} / "
+                          f"{r['ours_unmasked_length_mean']:.2f} / {r['trl_length_mean']:.2f}"] for r in report["trl_step"]])
     if report.get("sharding"):
-        lines += ["| launch | processes | dtype | K | parameter MB held per process | peak GPU MB | peak RSS MB | "
-                  "s / step | loss (rank 0) | grad norm |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in report["sharding"]:
-            lines.append(f"| {r['launch']} | {r['processes']} | {r['dtype']} | {r['K']} | {r['param_mb_held']:.0f} | "
-                         f"{_num(r['peak_gpu_mb'], '.0f')} | {r['peak_rss_mb']:.0f} | {r['step_s']:.2f} | "
-                         f"{r['loss_rank0']:.4f} | {r['grad_norm']:.4f} |")
-        lines.append("")
+        lines += _table(["launch", "processes", "dtype", "K", "parameter MB held per process", "peak GPU MB",
+                         "peak RSS MB", "s / step", "loss (rank 0)", "grad norm"],
+                        [[r["launch"], r["processes"], r["dtype"], r["K"], f"{r['param_mb_held']:.0f}",
+                          _num(r["peak_gpu_mb"], ".0f"), f"{r['peak_rss_mb']:.0f}", f"{r['step_s']:.2f}",
+                          f"{r['loss_rank0']:.4f}", f"{r['grad_norm']:.4f}"] for r in report["sharding"]])
     if report.get("quality"):
         lines += quality_table(report["quality"])
     if report.get("overhead"):

@@ -73,15 +73,19 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     common = [*TINY, "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2", "logger=none",
               "exploration.replay.enabled=true", "exploration.replay.fraction=0.25", "seed=7",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
+
+    def cut_and_resume(launch, run: str):
+        """Train `run` to step 2, stop; resume it to step 4. The resumed launch's output."""
+        for steps, extra, part in ((2, [], 1), (4, ["resume=auto"], 2)):
+            result = launch([str(ROOT / "train.py"), *common, f"trainer.max_steps={steps}", f"run_name={run}", *extra,
+                             f"hydra.run.dir={tmp_path}/{run}{part}"], tmp_path)
+            assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
     straight = _launch([str(ROOT / "train.py"), *common, "trainer.max_steps=4", "run_name=straight",
                         f"hydra.run.dir={tmp_path}/straight"], tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = _launch([str(ROOT / "train.py"), *common, "trainer.max_steps=2", "run_name=cut",
-                     f"hydra.run.dir={tmp_path}/cut1"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _launch([str(ROOT / "train.py"), *common, "trainer.max_steps=4", "run_name=cut", "resume=auto",
-                      f"hydra.run.dir={tmp_path}/cut2"], tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
+    cut_and_resume(_launch, "cut")
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "adapted" / "straight" / "adapter_model.safetensors"))
@@ -103,12 +107,7 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
         assert resumed[step] == pytest.approx(straight_losses[step], abs=1e-6)
 
     # FSDP: stopped at step 2 and resumed to 4, the data-parallel result (same seeds, same samples).
-    first = _fsdp_launch([str(ROOT / "train.py"), *common, "trainer.max_steps=2", "run_name=fsdp",
-                          f"hydra.run.dir={tmp_path}/fsdp1"], tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _fsdp_launch([str(ROOT / "train.py"), *common, "trainer.max_steps=4", "run_name=fsdp", "resume=auto",
-                           f"hydra.run.dir={tmp_path}/fsdp2"], tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = cut_and_resume(_fsdp_launch, "fsdp")
     assert second.stdout.count("Evaluation of rng") == 1  # rank 0 evaluates, on the gathered layers
     c = load_file(str(tmp_path / "adapted" / "fsdp" / "adapter_model.safetensors"))
     assert c.keys() == a.keys()
