@@ -13,14 +13,19 @@ import torch
 from conftest import ROOT, TINY, run_train
 from gf_odg.tracking import read_offline_run
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / "ddp.yaml"),
-          "--num_processes", "2"]
 STEPS = ["trainer.max_steps=4", "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2"]
 
 
-def _launch(args: list[str], tmp_path, timeout: int = 600):
+def _launch(args: list[str], tmp_path, timeout: int = 600, config: str = "ddp.yaml"):
+    """Two processes under `accelerate launch --config_file accelerate/<config>`."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*LAUNCH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / config),
+           "--num_processes", "2", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _fsdp_launch(args: list[str], tmp_path):
+    return _launch(args, tmp_path, config="fsdp.yaml")
 
 
 def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
@@ -121,20 +126,6 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     assert mixed.returncode != 0
     assert "without FSDP sharding" in mixed.stderr and "[rank0]: Traceback" not in mixed.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "straight").iterdir()) == before
-
-
-def _fsdp_launch(args: list[str], tmp_path, timeout: int = 600):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / "fsdp.yaml"),
-           "--num_processes", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _fsdp_launch(args: list[str], tmp_path, timeout: int = 600):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / "fsdp.yaml"),
-           "--num_processes", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("env, message", [
