@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -16,11 +17,18 @@ from gf_odg.tracking import read_offline_run
 STEPS = ["trainer.max_steps=4", "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2"]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(args: list[str], tmp_path, timeout: int = 600, config: str = "ddp.yaml"):
-    """Two processes under `accelerate launch --config_file accelerate/<config>`."""
+    """Two processes under `accelerate launch --config_file accelerate/<config>`, on a free port (test
+    workers run side by side: the default port 29500 would be taken by the first launch)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / config),
-           "--num_processes", "2", *args]
+           "--num_processes", "2", "--main_process_port", str(_free_port()), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
