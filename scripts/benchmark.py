@@ -28,7 +28,8 @@ Sections:
 - quality: on rng and keywords, the base model, our tb / vargrad / rloo and TRL GRPO trained for
   the same number of steps on the same prompts and batch, evaluated by gf_odg.evaluation on the
   same samples: score, validity, distinct high-reward completions, semantic diversity, KL to the
-  target (rng, sampled and exact), seconds per step (`--quality-steps rng=100,keywords=20`,
+  target (rng, sampled and exact), seconds per step (`--quality-steps rng=100,keywords=20`, or
+  `keywords=40,keywords.grpo=14` for a method's own step count,
   `--quality-eval`, `--quality-methods`, `--quality-overrides`). GRPO's LoRA is evaluated in
   memory by the same code (`gf_odg/grpo_baseline.py` says how GRPO is set up).
   `--quality-budget time`: GRPO trains its steps first and every other method gets the same
@@ -468,6 +469,7 @@ QUALITY_TASKS = {
     # concepts at a fluency above -4 nats per token, or three at one above -2.
     "keywords": (["experiment=keywords"], 2.0),
 }
+QUALITY_METHODS = ("base", "tb", "vargrad", "rloo", "grpo")
 QUALITY_METRICS = ("score", "validity", "unique_fraction", "distinct_n", "semantic_diversity", "above_threshold",
                    "modes", "exact")
 
@@ -571,7 +573,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
             base_overrides = [*task_overrides, f"objective={objective}", *extra]
             if objective == "rloo":  # a pure maximiser of the score: no p_ref in its reward, no reference pass
                 base_overrides.append("objective.ref_weight=0")
-            n_steps = steps[task_name]
+            n_steps = steps.get(f"{task_name}.{method}", steps[task_name])
             row: dict = {"task": task_name, "method": method, "eval_samples": n, "threshold": threshold,
                          "budget": budget}
             if budget == "time" and method in ("tb", "vargrad", "rloo"):
@@ -888,9 +890,10 @@ def main() -> None:
     parser.add_argument("--overrides", default="", help="space-separated Hydra overrides for every model loaded")
     parser.add_argument("--scale-steps", type=int, default=5)
     parser.add_argument("--quality-tasks", default="rng,keywords")
-    parser.add_argument("--quality-steps", default="rng=100,keywords=20", help="training steps per task")
+    parser.add_argument("--quality-steps", default="rng=100,keywords=20",
+                        help="training steps per task; TASK.METHOD=N gives one method its own (keywords.grpo=14)")
     parser.add_argument("--quality-eval", default="rng=512,keywords=128", help="evaluation samples per task")
-    parser.add_argument("--quality-methods", default="base,tb,vargrad,rloo,grpo")
+    parser.add_argument("--quality-methods", default=",".join(QUALITY_METHODS))
     parser.add_argument("--quality-overrides", default="", help="space-separated Hydra overrides for the quality runs")
     parser.add_argument("--quality-budget", default="steps", choices=("steps", "time"),
                         help="steps: the same steps for every method; time: GRPO's training seconds for every method")
@@ -940,12 +943,27 @@ def main() -> None:
     if "trl_step" in sections:
         report["trl_step"] = bench_trl_step(args.model, device, ks, args.repeats)
     if "quality" in sections:
-        per_task = lambda text: {t: int(v) for t, v in (item.split("=") for item in text.split(","))}  # noqa: E731
+        def per_task(text: str, flag: str, methods: bool = False) -> dict[str, int]:
+            """'rng=100,keywords=20' (and, with methods, 'keywords.grpo=14': that method's own count)."""
+            known = set(QUALITY_TASKS) | ({f"{t}.{m}" for t in QUALITY_TASKS for m in QUALITY_METHODS} if methods else set())
+            out = {}
+            for item in filter(None, text.split(",")):
+                key, _, value = item.partition("=")
+                if key not in known or not value.isdigit() or int(value) <= 0:
+                    raise SystemExit(f"{flag}: {item!r} is not TASK=N with N > 0"
+                                     + (" (or TASK.METHOD=N)" if methods else "") + f"; tasks: {', '.join(QUALITY_TASKS)}")
+                out[key] = int(value)
+            return out
+
+        unknown = set(args.quality_methods.split(",")) - set(QUALITY_METHODS)
+        if unknown:
+            raise SystemExit(f"--quality-methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(QUALITY_METHODS)}")
         extra = args.quality_overrides.split()
         if args.quick:
             extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
         report["quality"] = bench_quality(args.model, device, args.quality_tasks.split(","),
-                                          per_task(args.quality_steps), per_task(args.quality_eval),
+                                          per_task(args.quality_steps, "--quality-steps", methods=True),
+                                          per_task(args.quality_eval, "--quality-eval"),
                                           args.quality_methods.split(","), extra, args.quality_budget,
                                           args.quality_curve, tuple(args.quality_curve_methods.split(",")))
         report["quality_overrides"] = extra
