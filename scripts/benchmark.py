@@ -926,6 +926,34 @@ def main() -> None:
     device = torch.device(args.device)
     sections = set(args.sections.split(","))
     ks = [int(k) for k in args.ks.split(",")]
+    if "quality" in sections:  # its flags are checked before any section runs
+        def per_task(text: str, flag: str, methods: bool = False) -> dict[str, int]:
+            """'rng=100,keywords=20' (and, with methods, 'keywords.grpo=14': that method's own count)."""
+            known = set(QUALITY_TASKS) | ({f"{t}.{m}" for t in QUALITY_TASKS for m in QUALITY_METHODS} if methods else set())
+            out = {}
+            for item in filter(None, text.split(",")):
+                key, _, value = item.partition("=")
+                if key not in known or not value.isdigit() or int(value) <= 0:
+                    raise SystemExit(f"{flag}: {item!r} is not TASK=N with N > 0"
+                                     + (" (or TASK.METHOD=N)" if methods else "") + f"; tasks: {', '.join(QUALITY_TASKS)}")
+                out[key] = int(value)
+            return out
+
+        bad_tasks = set(args.quality_tasks.split(",")) - set(QUALITY_TASKS)
+        if bad_tasks:
+            raise SystemExit(f"--quality-tasks: unknown {', '.join(sorted(bad_tasks))}; known: {', '.join(QUALITY_TASKS)}")
+        quality_steps = per_task(args.quality_steps, "--quality-steps", methods=True)
+        quality_eval = per_task(args.quality_eval, "--quality-eval")
+        for flag, counts in (("--quality-steps", quality_steps), ("--quality-eval", quality_eval)):
+            missing = [t for t in args.quality_tasks.split(",") if t not in counts]
+            if missing:
+                raise SystemExit(f"{flag} gives no count for {', '.join(missing)}: add {missing[0]}=N")
+        unknown = set(args.quality_methods.split(",")) - set(QUALITY_METHODS)
+        if unknown:
+            raise SystemExit(f"--quality-methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(QUALITY_METHODS)}")
+        extra = args.quality_overrides.split()
+        if args.quick:
+            extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
     report = {"machine": machine(), "model": args.model, "date": datetime.now().isoformat(timespec="seconds")}
     print(f"benchmark on {report['machine']}", flush=True)
     if "prefill" in sections:
@@ -943,27 +971,8 @@ def main() -> None:
     if "trl_step" in sections:
         report["trl_step"] = bench_trl_step(args.model, device, ks, args.repeats)
     if "quality" in sections:
-        def per_task(text: str, flag: str, methods: bool = False) -> dict[str, int]:
-            """'rng=100,keywords=20' (and, with methods, 'keywords.grpo=14': that method's own count)."""
-            known = set(QUALITY_TASKS) | ({f"{t}.{m}" for t in QUALITY_TASKS for m in QUALITY_METHODS} if methods else set())
-            out = {}
-            for item in filter(None, text.split(",")):
-                key, _, value = item.partition("=")
-                if key not in known or not value.isdigit() or int(value) <= 0:
-                    raise SystemExit(f"{flag}: {item!r} is not TASK=N with N > 0"
-                                     + (" (or TASK.METHOD=N)" if methods else "") + f"; tasks: {', '.join(QUALITY_TASKS)}")
-                out[key] = int(value)
-            return out
-
-        unknown = set(args.quality_methods.split(",")) - set(QUALITY_METHODS)
-        if unknown:
-            raise SystemExit(f"--quality-methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(QUALITY_METHODS)}")
-        extra = args.quality_overrides.split()
-        if args.quick:
-            extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
         report["quality"] = bench_quality(args.model, device, args.quality_tasks.split(","),
-                                          per_task(args.quality_steps, "--quality-steps", methods=True),
-                                          per_task(args.quality_eval, "--quality-eval"),
+                                          quality_steps, quality_eval,
                                           args.quality_methods.split(","), extra, args.quality_budget,
                                           args.quality_curve, tuple(args.quality_curve_methods.split(",")))
         report["quality_overrides"] = extra

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, run_train
 from gf_odg.tracking import read_offline_run
 
@@ -39,3 +41,16 @@ def test_benchmark_script_runs_on_the_tiny_model(tmp_path):
     assert all(r["speedup_step"] > 0 for r in report["prefill"])
     assert report["memory"]["peak_mb_naive"] > 0 and report["overhead"]["overhead_ratio"] > 0
     assert (out / "benchmark.md").read_text().startswith("Machine:") and (out / "benchmark.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quality-steps", "keywords.ppo=3"], "'keywords.ppo=3' is not TASK=N"),
+    (["--quality-tasks", "keywords", "--quality-steps", "rng=3"], "no count for keywords: add keywords=N"),
+    (["--quality-methods", "tb,ppo"], "--quality-methods: unknown ppo"),
+], ids=["unknown-method-count", "missing-task-count", "unknown-method"])
+def test_benchmark_quality_flags_are_checked_before_any_model_loads(tmp_path, args, message):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random",
+                             "--sections", "quality", *args, "--out", str(tmp_path / "bench")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "bench").exists()
