@@ -918,8 +918,11 @@ def main() -> None:
     OVERRIDES.extend(args.overrides.split())
     if args.quick:
         args.ks, args.repeats, args.memory_vocab, args.memory_batch, args.memory_tokens = "4", 1, 4096, 2, 8
-        args.quality_steps = ",".join(f"{t}=2" for t in QUALITY_TASKS)
-        args.quality_eval = ",".join(f"{t}=16" for t in QUALITY_TASKS)
+        # tiny counts, unless given on the command line
+        if args.quality_steps == parser.get_default("quality_steps"):
+            args.quality_steps = ",".join(f"{t}=2" for t in QUALITY_TASKS)
+        if args.quality_eval == parser.get_default("quality_eval"):
+            args.quality_eval = ",".join(f"{t}=16" for t in QUALITY_TASKS)
     import transformers
 
     transformers.logging.set_verbosity_error()

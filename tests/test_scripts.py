@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,14 @@ def test_benchmark_quality_flags_are_checked_before_any_model_loads(tmp_path, ar
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "bench").exists()
+
+
+def test_benchmark_gives_a_method_its_own_step_count(tmp_path):
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random", "--quick",
+                             "--sections", "quality", "--quality-tasks", "rng", "--quality-methods", "tb,vargrad",
+                             "--quality-steps", "rng=2,rng.vargrad=3", "--quality-eval", "rng=8", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "benchmark.json").read_text())["quality"]
+    assert {r["method"]: (r["steps"], r["eval_samples"]) for r in rows} == {"tb": (2, 8), "vargrad": (3, 8)}
