@@ -35,7 +35,10 @@ Sections:
   `--quality-budget time`: GRPO trains its steps first and every other method gets the same
   training seconds (as many steps as fit at its own probed step time). `--quality-curve N`: also
   evaluate every N steps; with GRPO's path, each of our methods is compared with GRPO at the same
-  mean score (its distinct high-reward count where GRPO's path crosses our final score).
+  mean score (its distinct high-reward count where GRPO's path crosses our final score; every
+  crossing). `--quality-curve-at 8,10,12`: evaluate at those steps. `--quality-jobs 2`: up to 2
+  methods at once, each in its own process with --threads threads (the same rows as one process
+  running them in turn).
 
 Writes benchmark.md, benchmark.json and benchmark*.png to --out (default outputs/benchmark/<time>).
 """
@@ -513,13 +516,13 @@ def _curve_point(model, tok, task, n: int, threshold: float, seed: int, batch_si
     return {"step": step, **{k: e.get(k) for k in CURVE_KEYS}}
 
 
-def _grpo_curve_callback(tok, task, n: int, threshold: float, seed: int, batch_size: int, every: int,
+def _grpo_curve_callback(tok, task, n: int, threshold: float, seed: int, batch_size: int, at_step,
                          points: list[dict]):
     from transformers import TrainerCallback
 
     class _Curve(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+            if at_step(state.global_step) and state.global_step < state.max_steps:
                 points.append(_curve_point(model, tok, task, n, threshold, seed, batch_size, state.global_step))
 
     return _Curve()
@@ -538,7 +541,8 @@ def _probe_step_s(model_name: str, device, overrides: list[str], steps: int = 3)
 
 def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, int], n_eval: dict[str, int],
                   methods: list[str], extra: list[str] = (), budget: str = "steps", curve_every: int = 0,
-                  curve_methods: tuple[str, ...] = ("tb", "vargrad", "rloo", "grpo")) -> list[dict]:
+                  curve_methods: tuple[str, ...] = ("tb", "vargrad", "rloo", "grpo"), curve_at: tuple[int, ...] = (),
+                  jobs: int = 1, threads: int = 1) -> list[dict]:
     """Per task, each method trained on the same prompts and batch (K per prompt, prompts per step,
     learning rate and schedule of the task's experiment config), then evaluated by gf_odg.evaluation
     on the same n samples from the same seed, under the task's constraint mask. `grpo` is TRL's
@@ -551,7 +555,10 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
     a warm-up), so the learning-rate schedule runs to its end on both sides.
     curve_every > 0: each trained method in `curve_methods` is also evaluated every that many steps
     (same samples count and seed), which gives the score-diversity path of training and, for GRPO,
-    the matched-score comparison."""
+    the matched-score comparison; curve_at: evaluate at exactly these steps (as well).
+    jobs > 1: each (task, method) trains and evaluates in its own process (`threads` torch threads
+    each), at most `jobs` at a time; every method seeds itself, so the rows are those of one process
+    running them in turn (up to floating-point summation order)."""
     import tempfile
 
     from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
@@ -563,6 +570,17 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
         if "grpo" not in methods:
             raise SystemExit("--quality-budget time takes its budget from GRPO's run: add grpo to --quality-methods")
         methods = ["grpo", *[m for m in methods if m != "grpo"]]
+    if jobs > 1:
+        if budget == "time":
+            raise SystemExit("--quality-jobs > 1 needs --quality-budget steps (a time budget comes from GRPO's run first)")
+        rows = _quality_in_processes(model_name, device, tasks, steps, n_eval, methods, list(extra), curve_every,
+                                     curve_methods, curve_at, jobs, threads)
+        matched_score(rows)
+        return rows
+
+    def at_step(step: int) -> bool:
+        return bool(curve_every and step % curve_every == 0) or step in curve_at
+
     rows = []
     for task_name in tasks:
         task_overrides, threshold = QUALITY_TASKS[task_name]
@@ -585,7 +603,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
             row["steps"] = n_steps if method != "base" else 0
             overrides = [*base_overrides, f"trainer.max_steps={n_steps}"]
             curve: list[dict] = []
-            every = curve_every if method in curve_methods else 0
+            every = method in curve_methods and bool(curve_every or curve_at)
             with tempfile.TemporaryDirectory(prefix=f"gfodg-quality-{task_name}-{method}-") as tmpdir:
                 tmp = Path(tmpdir)
                 t_start = time.perf_counter()
@@ -601,7 +619,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                         trainer.step += 1
                         times.append(time.perf_counter() - t0)
                         valid.append(metrics["reward/valid_fraction"])
-                        if every and trainer.step % every == 0 and trainer.step < cfg.trainer.max_steps:
+                        if every and at_step(trainer.step) and trainer.step < cfg.trainer.max_steps:
                             t0 = time.perf_counter()
                             curve.append(_curve_point(model, tok, task, n, threshold, cfg.seed + 1000,
                                                       cfg.task.evaluation.batch_size, trainer.step))
@@ -624,7 +642,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                                                                               cfg.objective.log_reward_min)
                         if every:  # after the timer: evaluation time is not step time
                             trainer.add_callback(_grpo_curve_callback(tok, task, n, threshold, cfg.seed + 1000,
-                                                                      cfg.task.evaluation.batch_size, every, curve))
+                                                                      cfg.task.evaluation.batch_size, at_step, curve))
                         trainer.train()
                         times = timer.times
                         row.update(info)
@@ -664,11 +682,60 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
     return rows
 
 
+def _quality_in_processes(model_name: str, device, tasks: list[str], steps: dict[str, int], n_eval: dict[str, int],
+                          methods: list[str], extra: list[str], curve_every: int, curve_methods: tuple[str, ...],
+                          curve_at: tuple[int, ...], jobs: int, threads: int) -> list[dict]:
+    """bench_quality's rows, each (task, method) in a child process of this script, `jobs` at a time."""
+    import tempfile
+
+    work = [(t, m) for t in tasks for m in methods]
+    rows: dict[tuple[str, str], list[dict]] = {}
+    running: list[tuple[tuple[str, str], subprocess.Popen, Path]] = []
+    with tempfile.TemporaryDirectory(prefix="gfodg-quality-jobs-") as tmpdir:
+        def reap(block: bool) -> None:
+            for item in list(running):
+                key, proc, out = item
+                if block or proc.poll() is not None:
+                    if proc.wait() != 0:
+                        for _, other, _ in running:
+                            other.kill()
+                        raise SystemExit(f"quality {key[0]} {key[1]}: its process exited with {proc.returncode} "
+                                         "(its output is above)")
+                    rows[key] = json.loads(out.read_text())
+                    running.remove(item)
+                    return
+
+        for key in work:
+            while len(running) >= jobs:
+                reap(block=False)
+                if len(running) >= jobs:
+                    time.sleep(1.0)
+            out = Path(tmpdir) / f"{key[0]}-{key[1]}.json"
+            spec = {"model": model_name, "device": str(device), "task": key[0], "method": key[1], "steps": steps,
+                    "n_eval": n_eval, "extra": extra, "curve_every": curve_every, "curve_methods": list(curve_methods),
+                    "curve_at": list(curve_at), "threads": threads, "overrides": OVERRIDES, "out": str(out)}
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_quality-child", json.dumps(spec)])
+            running.append((key, proc, out))
+        while running:
+            reap(block=True)
+    return [row for key in work for row in rows[key]]
+
+
+def _quality_child(spec: dict) -> None:
+    OVERRIDES.extend(spec["overrides"])
+    rows = bench_quality(spec["model"], torch.device(spec["device"]), [spec["task"]], spec["steps"], spec["n_eval"],
+                         [spec["method"]], spec["extra"], "steps", spec["curve_every"], tuple(spec["curve_methods"]),
+                         tuple(spec["curve_at"]))
+    Path(spec["out"]).write_text(json.dumps(jsonable(rows)))
+
+
 def matched_score(rows: list[dict]) -> None:
     """For each of our trained methods, GRPO's distinct high-reward count at the same mean score,
     read off GRPO's training path (the base model as step 0, its curve points, its final policy) by
-    linear interpolation in the score between the first two consecutive points that bracket ours.
-    Stored as row["matched"]; nothing where GRPO's path never reaches that score."""
+    linear interpolation in the score between two consecutive points that bracket ours. Every
+    crossing is kept in row["matched_all"] (a path that rises and then falls, as GRPO's does once it
+    collapses, crosses a score twice); row["matched"] is the first. Nothing where GRPO's path never
+    reaches that score."""
     for task in dict.fromkeys(r["task"] for r in rows):
         grpo = next((r for r in rows if r["task"] == task and r["method"] == "grpo" and r.get("curve")), None)
         if grpo is None:
@@ -682,16 +749,18 @@ def matched_score(rows: list[dict]) -> None:
             if r["task"] != task or r["method"] in ("grpo", "base"):
                 continue
             score, ours = r["eval"].get("score_mean"), r["eval"].get("n_above_threshold")
+            crossings = []
             for a, b in zip(path, path[1:]):
                 lo, hi = sorted((a["score_mean"], b["score_mean"]))
                 if lo <= score <= hi:
                     w = 0.0 if hi == lo else (score - a["score_mean"]) / (b["score_mean"] - a["score_mean"])
                     theirs = a["n_above_threshold"] + w * (b["n_above_threshold"] - a["n_above_threshold"])
                     sem = a["semantic_diversity"] + w * (b["semantic_diversity"] - a["semantic_diversity"])
-                    r["matched"] = {"score": score, "grpo_steps": [a["step"], b["step"]],
-                                    "grpo_n_above_threshold": theirs, "grpo_semantic_diversity": sem,
-                                    "ratio": ours / theirs if theirs else math.inf}
-                    break
+                    crossings.append({"score": score, "grpo_steps": [a["step"], b["step"]],
+                                      "grpo_n_above_threshold": theirs, "grpo_semantic_diversity": sem,
+                                      "ratio": ours / theirs if theirs else math.inf})
+            if crossings:
+                r["matched"], r["matched_all"] = crossings[0], crossings
 
 
 # ----------------------------------------------------------------------------- report
@@ -787,12 +856,11 @@ def quality_table(rows: list[dict]) -> list[str]:
     matched = [r for r in rows if r.get("matched")]
     if matched:
         lines += ["", "At matched mean score: GRPO's distinct high-reward completions and semantic diversity where "
-                  "its training path (base model, every curve point, final) crosses our final mean score "
+                  "its training path (base model, every curve point, final) crosses our final mean score, one line per crossing "
                   "(linear in the score between the two GRPO points that bracket it):", "",
                   "| task | method | score mean | distinct high-reward, ours / GRPO | ratio | semantic diversity, "
                   "ours / GRPO | GRPO between steps |", "|---|---|---|---|---|---|---|"]
-        for r in matched:
-            m = r["matched"]
+        for r, m in ((r, m) for r in matched for m in r.get("matched_all", [r["matched"]])):
             lines.append(f"| {r['task']} | {r['method']} | {m['score']:.3f} | {r['eval']['n_above_threshold']} / "
                          f"{m['grpo_n_above_threshold']:.1f} | {m['ratio']:.2f}x | "
                          f"{_num(r['eval'].get('semantic_diversity'))} / {m['grpo_semantic_diversity']:.3f} | "
@@ -899,11 +967,16 @@ def main() -> None:
                         help="steps: the same steps for every method; time: GRPO's training seconds for every method")
     parser.add_argument("--quality-curve", type=int, default=0,
                         help="also evaluate every N steps (the training path; matched-score comparison with GRPO)")
+    parser.add_argument("--quality-curve-at", default="",
+                        help="also evaluate at exactly these steps (6,8,10,12), with or without --quality-curve")
+    parser.add_argument("--quality-jobs", type=int, default=1,
+                        help="train and evaluate up to N methods at once, each in its own process (--threads each)")
     parser.add_argument("--quality-curve-methods", default="tb,vargrad,rloo,grpo",
                         help="the trained methods that --quality-curve evaluates along the way")
     parser.add_argument("--shard-processes", type=int, default=2)
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--_shard-child", help=argparse.SUPPRESS)
+    parser.add_argument("--_quality-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._memory_child:
         variant, vocab, batch, width, device = args._memory_child
@@ -913,6 +986,14 @@ def main() -> None:
     if args._shard_child:
         torch.set_num_threads(1)
         _shard_child(json.loads(args._shard_child))
+        return
+    if args._quality_child:
+        spec = json.loads(args._quality_child)
+        torch.set_num_threads(spec["threads"])
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        _quality_child(spec)
         return
     torch.set_num_threads(args.threads)
     OVERRIDES.extend(args.overrides.split())
@@ -955,6 +1036,13 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--quality-methods: unknown {', '.join(sorted(unknown))}; known: {', '.join(QUALITY_METHODS)}")
         extra = args.quality_overrides.split()
+        curve_at = args.quality_curve_at.split(",") if args.quality_curve_at else []
+        if not all(x.isdigit() and int(x) > 0 for x in curve_at):
+            raise SystemExit(f"--quality-curve-at: {args.quality_curve_at!r} is not a comma-separated list of steps > 0")
+        if args.quality_jobs < 1:
+            raise SystemExit(f"--quality-jobs must be >= 1, got {args.quality_jobs}")
+        if args.quality_jobs > 1 and args.quality_budget == "time":
+            raise SystemExit("--quality-jobs > 1 needs --quality-budget steps (a time budget comes from GRPO's run first)")
         if args.quick:
             extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
     report = {"machine": machine(), "model": args.model, "date": datetime.now().isoformat(timespec="seconds")}
@@ -977,7 +1065,8 @@ def main() -> None:
         report["quality"] = bench_quality(args.model, device, args.quality_tasks.split(","),
                                           quality_steps, quality_eval,
                                           args.quality_methods.split(","), extra, args.quality_budget,
-                                          args.quality_curve, tuple(args.quality_curve_methods.split(",")))
+                                          args.quality_curve, tuple(args.quality_curve_methods.split(",")),
+                                          tuple(int(x) for x in curve_at), args.quality_jobs, args.threads)
         report["quality_overrides"] = extra
         report["quality_budget"] = args.quality_budget
     out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))

@@ -104,3 +104,19 @@ def test_matched_score_reads_grpo_path_at_our_score():
                  "curve": [_point(2, -4.6, 3), _point(4, -4.6, 1)]})
     bench.matched_score(flat)
     assert all("matched" not in r for r in flat)
+
+
+def test_matched_score_keeps_every_crossing_of_a_path_that_rises_and_falls():
+    bench = _benchmark_module()
+    # GRPO rises to 3.0 at step 4, then collapses: fewer distinct completions at a lower score.
+    grpo = {"task": "kw", "method": "grpo", "eval": _point(6, 1.0, 4, 0.1),
+            "curve": [_point(2, 0.0, 10, 0.6), _point(4, 3.0, 40, 0.3), _point(6, 1.0, 4, 0.1)]}
+    ours = {"task": "kw", "method": "vargrad", "eval": _point(9, 2.0, 60, 0.5)}
+    bench.matched_score([grpo, ours])
+    crossings = ours["matched_all"]
+    assert [c["grpo_steps"] for c in crossings] == [[2, 4], [4, 6]]
+    assert abs(crossings[0]["grpo_n_above_threshold"] - 30.0) < 1e-9 and abs(crossings[0]["ratio"] - 2.0) < 1e-9
+    assert abs(crossings[1]["grpo_n_above_threshold"] - 22.0) < 1e-9  # halfway from 40 down to 4
+    assert ours["matched"] == crossings[0]
+    lines = bench.quality_table([{**r, "steps": 1, "K": 4, "prompts_per_step": 1} for r in (grpo, ours)])
+    assert sum("| kw | vargrad | 2.000 |" in line for line in lines) == 2

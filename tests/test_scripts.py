@@ -48,7 +48,10 @@ def test_benchmark_script_runs_on_the_tiny_model(tmp_path):
     (["--quality-steps", "keywords.ppo=3"], "'keywords.ppo=3' is not TASK=N"),
     (["--quality-tasks", "keywords", "--quality-steps", "rng=3"], "no count for keywords: add keywords=N"),
     (["--quality-methods", "tb,ppo"], "--quality-methods: unknown ppo"),
-], ids=["unknown-method-count", "missing-task-count", "unknown-method"])
+    (["--quality-curve-at", "4,x"], "--quality-curve-at: '4,x' is not a comma-separated list"),
+    (["--quality-jobs", "0"], "--quality-jobs must be >= 1"),
+    (["--quality-jobs", "2", "--quality-budget", "time"], "--quality-jobs > 1 needs --quality-budget steps"),
+], ids=["unknown-method-count", "missing-task-count", "unknown-method", "curve-at", "jobs", "jobs-time"])
 def test_benchmark_quality_flags_are_checked_before_any_model_loads(tmp_path, args, message):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random",
                              "--sections", "quality", *args, "--out", str(tmp_path / "bench")],
@@ -66,3 +69,24 @@ def test_benchmark_gives_a_method_its_own_step_count(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "benchmark.json").read_text())["quality"]
     assert {r["method"]: (r["steps"], r["eval_samples"]) for r in rows} == {"tb": (2, 8), "vargrad": (3, 8)}
+
+
+def test_benchmark_quality_jobs_give_the_rows_of_one_process(tmp_path):
+    """--quality-jobs 2 runs each method in its own process: the same rows (steps, curve points at
+    --quality-curve-at, scores) as the methods run in turn in one process."""
+    common = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random", "--quick",
+              "--sections", "quality", "--quality-tasks", "rng", "--quality-methods", "tb,grpo",
+              "--quality-steps", "rng=3", "--quality-eval", "rng=8", "--quality-curve-at", "1,2",
+              "--quality-curve-methods", "grpo"]
+    rows = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"bench{jobs}"
+        result = subprocess.run([*common, "--quality-jobs", jobs, "--out", str(out)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[jobs] = json.loads((out / "benchmark.json").read_text())["quality"]
+    for one, two in zip(rows["1"], rows["2"], strict=True):
+        assert (one["method"], one["steps"]) == (two["method"], two["steps"])
+        assert abs(one["eval"]["score_mean"] - two["eval"]["score_mean"]) < 1e-3
+        assert [c["step"] for c in one.get("curve", [])] == [c["step"] for c in two.get("curve", [])]
+    assert [c["step"] for c in rows["2"][1]["curve"]] == [1, 2, 3]  # grpo: 1 and 2, then its final policy
