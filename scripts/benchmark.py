@@ -734,8 +734,10 @@ def matched_score(rows: list[dict]) -> None:
     read off GRPO's training path (the base model as step 0, its curve points, its final policy) by
     linear interpolation in the score between two consecutive points that bracket ours. Every
     crossing is kept in row["matched_all"] (a path that rises and then falls, as GRPO's does once it
-    collapses, crosses a score twice); row["matched"] is the first. Nothing where GRPO's path never
-    reaches that score."""
+    collapses, crosses a score twice); row["matched"] is the first. Where our score lies above GRPO's
+    whole path, row["above_grpo_path"] holds GRPO's best-scoring point (the nearest in score; its
+    distinct high-reward count there), with our score higher: the comparison the matched one would
+    have been, had GRPO got that far. Where ours lies below the whole path, nothing."""
     for task in dict.fromkeys(r["task"] for r in rows):
         grpo = next((r for r in rows if r["task"] == task and r["method"] == "grpo" and r.get("curve")), None)
         if grpo is None:
@@ -761,6 +763,13 @@ def matched_score(rows: list[dict]) -> None:
                                       "ratio": ours / theirs if theirs else math.inf})
             if crossings:
                 r["matched"], r["matched_all"] = crossings[0], crossings
+            elif score > max(scores):
+                best = max(path, key=lambda p: p["score_mean"])
+                theirs = best["n_above_threshold"]
+                r["above_grpo_path"] = {"score": score, "grpo_score": best["score_mean"], "grpo_step": best["step"],
+                                        "grpo_n_above_threshold": theirs,
+                                        "grpo_semantic_diversity": best["semantic_diversity"],
+                                        "ratio": ours / theirs if theirs else math.inf}
 
 
 # ----------------------------------------------------------------------------- report
@@ -865,6 +874,18 @@ def quality_table(rows: list[dict]) -> list[str]:
                          f"{m['grpo_n_above_threshold']:.1f} | {m['ratio']:.2f}x | "
                          f"{_num(r['eval'].get('semantic_diversity'))} / {m['grpo_semantic_diversity']:.3f} | "
                          f"{m['grpo_steps'][0]}-{m['grpo_steps'][1]} |")
+    above = [r for r in rows if r.get("above_grpo_path")]
+    if above:
+        lines += ["", "Our mean score above every point of GRPO's training path: against GRPO's best-scoring point "
+                  "(the nearest in score, ours higher):", "",
+                  "| task | method | score mean, ours / GRPO | distinct high-reward, ours / GRPO | ratio | "
+                  "semantic diversity, ours / GRPO | GRPO step |", "|---|---|---|---|---|---|---|"]
+        for r in above:
+            m = r["above_grpo_path"]
+            lines.append(f"| {r['task']} | {r['method']} | {m['score']:.3f} / {m['grpo_score']:.3f} | "
+                         f"{r['eval']['n_above_threshold']} / {m['grpo_n_above_threshold']} | {m['ratio']:.2f}x | "
+                         f"{_num(r['eval'].get('semantic_diversity'))} / {_num(m['grpo_semantic_diversity'])} | "
+                         f"{m['grpo_step']} |")
     lines.append("")
     return lines
 
@@ -942,6 +963,56 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merge_quality(paths: list[str], out_dir: str | None) -> None:
+    """--quality-from: one report of the quality rows of earlier runs. Rows of one task must share
+    the evaluation (samples count, threshold), or their counts are not comparable."""
+    rows, machines, overrides = [], [], []
+    for path in paths:
+        try:  # "nan"/"inf" strings (jsonable's convention) back to floats
+            report = json.loads(Path(path).read_text(), object_hook=lambda d: {
+                k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in d.items()})
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--quality-from: cannot read {path}: {err}")
+        if not report.get("quality"):
+            raise SystemExit(f"--quality-from: {path} has no quality section (run with --sections quality)")
+        for r in report["quality"]:
+            for key in ("matched", "matched_all", "above_grpo_path"):
+                r.pop(key, None)
+            r["source"] = str(path)
+            r["quality_overrides"] = report.get("quality_overrides", [])
+            rows.append(r)
+        machines.append(report["machine"])
+    for task in dict.fromkeys(r["task"] for r in rows):
+        evals = {(r["eval_samples"], r["threshold"]) for r in rows if r["task"] == task}
+        if len(evals) > 1:
+            raise SystemExit(f"--quality-from: {task} rows were evaluated differently (samples, threshold): "
+                             f"{sorted(evals)}; merge only runs with the same --quality-eval")
+    for task in dict.fromkeys(r["task"] for r in rows):  # one method from two runs: named by what differs
+        mine = [r for r in rows if r["task"] == task]
+        if sum(r["method"] == "grpo" for r in mine) > 1:
+            raise SystemExit(f"--quality-from: more than one GRPO run for {task}; give one (its path is what "
+                             "the others are matched against)")
+        common = set.intersection(*(set(r["quality_overrides"]) for r in mine))
+        twice = {r["method"] for r in mine if sum(o["method"] == r["method"] for o in mine) > 1}
+        for r in mine:
+            if r["method"] in twice:
+                own = [o for o in r["quality_overrides"] if o not in common]
+                r["method"] = f"{r['method']} ({' '.join(own) or r['source']})"
+    matched_score(rows)
+    report = {"machine": " | ".join(dict.fromkeys(machines)), "model": ", ".join(dict.fromkeys(
+        json.loads(Path(p).read_text())["model"] for p in paths)),
+        "date": datetime.now().isoformat(timespec="seconds"), "quality": rows, "quality_from": list(paths)}
+    out = Path(out_dir or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(jsonable(report), indent=2))
+    text = markdown(report) + "\nRows from: " + "; ".join(
+        f"{r['method']} <- {r['source']} ({' '.join(r['quality_overrides']) or 'no overrides'})" for r in rows) + "\n"
+    (out / "benchmark.md").write_text(text)
+    plot_extra(report, out)
+    print(text)
+    print(f"written to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -973,6 +1044,9 @@ def main() -> None:
                         help="train and evaluate up to N methods at once, each in its own process (--threads each)")
     parser.add_argument("--quality-curve-methods", default="tb,vargrad,rloo,grpo",
                         help="the trained methods that --quality-curve evaluates along the way")
+    parser.add_argument("--quality-from", nargs="+", default=None, metavar="BENCHMARK_JSON",
+                        help="no training: the quality rows of these earlier benchmark.json files in one table, "
+                             "matched-score comparison recomputed (e.g. a new variant against a GRPO path run before)")
     parser.add_argument("--shard-processes", type=int, default=2)
     parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--_shard-child", help=argparse.SUPPRESS)
@@ -994,6 +1068,9 @@ def main() -> None:
 
         transformers.logging.set_verbosity_error()
         _quality_child(spec)
+        return
+    if args.quality_from:
+        merge_quality(args.quality_from, args.out)
         return
     torch.set_num_threads(args.threads)
     OVERRIDES.extend(args.overrides.split())

@@ -94,6 +94,10 @@ def test_matched_score_reads_grpo_path_at_our_score():
     assert m["grpo_steps"] == [2, 4] and m["grpo_n_above_threshold"] == 20.0 and m["ratio"] == 2.0
     assert abs(m["grpo_semantic_diversity"] - 0.4) < 1e-12
     assert "matched" not in beyond and "matched" not in grpo
+    # Above GRPO's whole path: compared with its best-scoring point (step 4), ours higher.
+    assert beyond["above_grpo_path"] == {"score": 2.5, "grpo_score": 2.0, "grpo_step": 4, "grpo_n_above_threshold": 30,
+                                         "grpo_semantic_diversity": 0.2, "ratio": 50 / 30}
+    assert "above_grpo_path" not in ours
     # Below GRPO's second point: between the base model (step 0) and step 2.
     low = {"task": "kw", "method": "rloo", "eval": _point(9, -0.5, 9)}
     bench.matched_score([base, grpo, low])

@@ -90,3 +90,51 @@ def test_benchmark_quality_jobs_give_the_rows_of_one_process(tmp_path):
         assert abs(one["eval"]["score_mean"] - two["eval"]["score_mean"]) < 1e-3
         assert [c["step"] for c in one.get("curve", [])] == [c["step"] for c in two.get("curve", [])]
     assert [c["step"] for c in rows["2"][1]["curve"]] == [1, 2, 3]  # grpo: 1 and 2, then its final policy
+
+
+def _quality_report(path, rows, overrides):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": "CPU", "model": "tiny-random", "date": "2026-11-26T00:00:00",
+                                "quality": rows, "quality_overrides": overrides}))
+    return str(path)
+
+
+def _quality_row(method, score, above, curve=None, samples=64):
+    point = {"score_mean": score, "n_above_threshold": above, "semantic_diversity": 0.5, "unique_fraction": 1.0,
+             "valid_fraction": 1.0}
+    row = {"task": "keywords", "method": method, "steps": 4, "K": 4, "prompts_per_step": 1, "eval_samples": samples,
+           "threshold": 2.0, "step_s": 1.0, "train_valid_fraction": 1.0, "eval": point}
+    if curve:
+        row["curve"] = [{"step": s, **point, "score_mean": sc, "n_above_threshold": n} for s, sc, n in curve]
+    return row
+
+
+def test_benchmark_quality_from_merges_runs_and_rematches_against_one_grpo_path(tmp_path):
+    """--quality-from: a variant run later against the GRPO path of an earlier run, no training;
+    a method present in two runs is named by the overrides that differ."""
+    first = _quality_report(tmp_path / "a" / "benchmark.json",
+                            [_quality_row("vargrad", 1.0, 40),
+                             _quality_row("grpo", 3.0, 10, curve=[(2, 0.0, 10), (4, 2.0, 30), (6, 3.0, 10)])],
+                            ["objective.beta=0.25"])
+    second = _quality_report(tmp_path / "b" / "benchmark.json", [_quality_row("vargrad", 3.5, 50)],
+                             ["objective.beta=0.25", "objective.ref_weight=0.5"])
+    out = tmp_path / "merged"
+    script = [sys.executable, str(ROOT / "scripts" / "benchmark.py")]
+    result = subprocess.run([*script, "--quality-from", first, second, "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((out / "benchmark.json").read_text())["quality"]}
+    assert set(rows) == {f"vargrad ({first})", "vargrad (objective.ref_weight=0.5)", "grpo"}
+    assert rows[f"vargrad ({first})"]["matched"]["grpo_n_above_threshold"] == 20.0  # halfway from 10 to 30
+    above = rows["vargrad (objective.ref_weight=0.5)"]["above_grpo_path"]
+    assert (above["grpo_step"], above["grpo_n_above_threshold"], above["ratio"]) == (6, 10, 5.0)
+    text = (out / "benchmark.md").read_text()
+    assert "| keywords | vargrad (objective.ref_weight=0.5) | 3.500 / 3.000 | 50 / 10 | 5.00x |" in text
+    # Rows evaluated on different sample counts are not comparable; a missing file is named.
+    other = _quality_report(tmp_path / "c" / "benchmark.json", [_quality_row("tb", 1.0, 5, samples=128)], [])
+    for paths, message in (([first, other], "keywords rows were evaluated differently"),
+                           ([first, str(tmp_path / "nope.json")], "cannot read " + str(tmp_path / "nope.json"))):
+        result = subprocess.run([*script, "--quality-from", *paths, "--out", str(tmp_path / "bad")], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "bad").exists()
