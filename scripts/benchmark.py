@@ -7,6 +7,7 @@ measured in the same process and run. Figures are ratios; nothing here is a time
     uv run python scripts/benchmark.py --sections trl_step --ks 16,32
     uv run python scripts/benchmark.py --sections quality --quality-tasks rng --quality-steps rng=100
     uv run python scripts/benchmark.py --sections quality --quality-tasks keywords --quality-budget time --quality-curve 2
+    uv run python scripts/benchmark.py --quality-from outputs/benchmark/A/benchmark.json outputs/benchmark/B/benchmark.json
 
 Sections:
 - prefill: one training step's sampling and scoring (forward + backward) of K completions of one
@@ -38,7 +39,9 @@ Sections:
   mean score (its distinct high-reward count where GRPO's path crosses our final score; every
   crossing). `--quality-curve-at 8,10,12`: evaluate at those steps. `--quality-jobs 2`: up to 2
   methods at once, each in its own process with --threads threads (the same rows as one process
-  running them in turn).
+  running them in turn). `--quality-from A/benchmark.json B/benchmark.json`: no training, the quality
+  rows of earlier runs in one table, matched against the one GRPO path among them (a variant
+  measured later against a GRPO run measured once; same --quality-eval required).
 
 Writes benchmark.md, benchmark.json and benchmark*.png to --out (default outputs/benchmark/<time>).
 """
