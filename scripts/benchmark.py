@@ -969,7 +969,7 @@ def plot(report: dict, path: Path) -> None:
 def merge_quality(paths: list[str], out_dir: str | None) -> None:
     """--quality-from: one report of the quality rows of earlier runs. Rows of one task must share
     the evaluation (samples count, threshold), or their counts are not comparable."""
-    rows, machines, overrides = [], [], []
+    rows, machines, models = [], [], []
     for path in paths:
         try:  # "nan"/"inf" strings (jsonable's convention) back to floats
             report = json.loads(Path(path).read_text(), object_hook=lambda d: {
@@ -985,6 +985,7 @@ def merge_quality(paths: list[str], out_dir: str | None) -> None:
             r["quality_overrides"] = report.get("quality_overrides", [])
             rows.append(r)
         machines.append(report["machine"])
+        models.append(report.get("model", "?"))
     for task in dict.fromkeys(r["task"] for r in rows):
         evals = {(r["eval_samples"], r["threshold"]) for r in rows if r["task"] == task}
         if len(evals) > 1:
@@ -1002,9 +1003,8 @@ def merge_quality(paths: list[str], out_dir: str | None) -> None:
                 own = [o for o in r["quality_overrides"] if o not in common]
                 r["method"] = f"{r['method']} ({' '.join(own) or r['source']})"
     matched_score(rows)
-    report = {"machine": " | ".join(dict.fromkeys(machines)), "model": ", ".join(dict.fromkeys(
-        json.loads(Path(p).read_text())["model"] for p in paths)),
-        "date": datetime.now().isoformat(timespec="seconds"), "quality": rows, "quality_from": list(paths)}
+    report = {"machine": " | ".join(dict.fromkeys(machines)), "model": ", ".join(dict.fromkeys(models)),
+              "date": datetime.now().isoformat(timespec="seconds"), "quality": rows, "quality_from": list(paths)}
     out = Path(out_dir or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(jsonable(report), indent=2))
