@@ -76,9 +76,14 @@ def compose(overrides: list[str]):
 
     from gf_odg.config import register_configs
 
+    from hydra.errors import HydraException
+
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name="main", overrides=overrides)
+        try:
+            return hydra_compose(config_name="main", overrides=overrides)
+        except HydraException as err:  # a mistyped --overrides / --quality-overrides: one line, not a traceback
+            raise SystemExit(f"config: {err} (overrides: {' '.join(overrides)})") from None
 
 
 def sync(device: torch.device) -> None:

@@ -138,3 +138,19 @@ def test_benchmark_quality_from_merges_runs_and_rematches_against_one_grpo_path(
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_benchmark_quality_jobs_stop_with_one_line_when_a_method_fails(tmp_path):
+    """A child process that fails (here: an override no config has) stops the run: the key named by
+    the child, the method by the parent, no traceback, non-zero exit, no report written."""
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "tiny-random", "--quick",
+                             "--sections", "quality", "--quality-tasks", "rng", "--quality-methods", "tb,vargrad",
+                             "--quality-steps", "rng=2", "--quality-eval", "rng=8", "--quality-jobs", "2",
+                             "--quality-overrides", "trainer.no_such_key=1", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode != 0
+    assert "quality rng tb: its process exited with" in result.stderr or \
+        "quality rng vargrad: its process exited with" in result.stderr, result.stderr[-3000:]
+    assert "config: Could not override 'trainer.no_such_key'" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
