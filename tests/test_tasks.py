@@ -71,7 +71,9 @@ def test_lm_likelihood_equals_a_direct_full_sequence_computation(tiny_policy):
     with trained_adapters(model):  # the reward scores with the base model: adapters off
         scores = bound(LMLikelihoodReward(continuation=ENDING), tiny_policy)(prompts, completions)
         policy = [direct_logprob(model, tokenizer, p + c, ENDING, adapters=True) for p, c in zip(prompts, completions)]
-    assert all(abs(a - b) > 1e-2 for a, b in zip(policy, expected))  # the adapters do change the model
+    # The adapters do change the model, so scores equal to `expected` cannot come from the adapted one.
+    # (Not every pair: with some LoRA inits one completion's log-probability barely moves.)
+    assert max(abs(a - b) for a, b in zip(policy, expected)) > 0.1
     assert scores == pytest.approx(expected, abs=1e-4)
     assert len(set(round(s, 3) for s in scores)) == len(scores)  # the context matters
 
