@@ -48,10 +48,13 @@ METRICS = {
     "self_bleu": "self_bleu",
     "semantic_diversity": "semantic_diversity (1 - mean pairwise cosine of MiniLM embeddings)",
     "above_threshold": "n_above_threshold: distinct completions scoring >= eval.threshold",
+    "above_threshold_by_meaning": "n_above_threshold_by_meaning: the same, near-paraphrases (MiniLM cosine >= "
+                                  "eval.same_meaning) counted once",
     "modes": "distinct, n_modes, mode_coverage, mode_entropy, target_entropy, kl_to_target, tv_to_target, kl_floor",
     "exact": "exact_kl, exact_tv, exact_valid_mass",
 }
-SLOW_METRICS = frozenset({"self_bleu", "semantic_diversity"})  # MiniLM, quadratic BLEU: off while training
+SLOW_METRICS = frozenset({"self_bleu", "semantic_diversity", "above_threshold_by_meaning"})  # MiniLM, quadratic BLEU: off while training
+NEEDS_THRESHOLD = frozenset({"above_threshold", "above_threshold_by_meaning"})
 SELF_BLEU_MAX_TEXTS = 200  # per prompt: 200 texts take about 1 s on a CPU core, 500 about 5 s
 
 
@@ -113,6 +116,7 @@ class EvalConfig:
     best_of_n: int = 4
     metrics: Optional[list[str]] = None  # null: every metric that applies (see gf_odg.evaluation.METRICS)
     threshold: Optional[float] = None  # score a completion must reach to count in n_above_threshold
+    same_meaning: float = 0.9  # n_above_threshold_by_meaning: MiniLM cosine at which two completions count once
     beta: Optional[float] = None  # reward temperature of the target; null: the objective's final beta
     seed: Optional[int] = None  # null: the top-level seed
     exact: Optional[bool] = None  # null: task.evaluation.exact
@@ -131,6 +135,7 @@ class EvalSettings:
     decodings: list[Decoding]  # the policy first, then the baselines
     metrics: frozenset
     threshold: Optional[float]
+    same_meaning: float
     beta: float
     seed: int
     self_bleu_max_texts: int
@@ -185,14 +190,17 @@ def check_eval_config(cfg) -> EvalSettings:
             problems.append(f"eval.baselines lists {name!r} twice")
         decodings.append(decoding)
     if ecfg.metrics is None:
-        chosen = set(METRICS) - ({"above_threshold"} if ecfg.threshold is None else set())
+        chosen = set(METRICS) - (NEEDS_THRESHOLD if ecfg.threshold is None else set())
     else:
         chosen = set(ecfg.metrics)
         unknown = sorted(chosen - set(METRICS))
         if unknown:
             problems.append(f"eval.metrics: unknown {', '.join(map(repr, unknown))}; known: {', '.join(METRICS)}")
-        if "above_threshold" in chosen and ecfg.threshold is None:
-            problems.append("eval.metrics asks for above_threshold but eval.threshold is null: set eval.threshold")
+        for name in sorted(chosen & NEEDS_THRESHOLD):
+            if ecfg.threshold is None:
+                problems.append(f"eval.metrics asks for {name} but eval.threshold is null: set eval.threshold")
+    if not 0.0 < ecfg.same_meaning <= 1.0:
+        problems.append(f"eval.same_meaning={ecfg.same_meaning}: expected a cosine in (0, 1]")
     exact = cfg.task.evaluation.exact if ecfg.exact is None else ecfg.exact
     if not exact:
         chosen.discard("exact")
@@ -203,7 +211,7 @@ def check_eval_config(cfg) -> EvalSettings:
         raise ConfigError("invalid eval settings: " + "; ".join(problems))
     return EvalSettings(adapter=ecfg.adapter, samples_per_prompt=int(n), batch_size=int(batch_size),
                         decodings=decodings, metrics=frozenset(chosen & set(METRICS)), threshold=ecfg.threshold,
-                        beta=beta, seed=cfg.seed if ecfg.seed is None else ecfg.seed,
+                        same_meaning=ecfg.same_meaning, beta=beta, seed=cfg.seed if ecfg.seed is None else ecfg.seed,
                         self_bleu_max_texts=ecfg.self_bleu_max_texts, plots=ecfg.plots, progress=ecfg.progress)
 
 
@@ -428,7 +436,7 @@ def _mean(values: Iterable[float]) -> float:
 
 def measure(task, samples: Samples, metric_names: Iterable[str], targets: Optional[dict] = None,
             threshold: Optional[float] = None, embed_fn: Optional[Callable] = None,
-            self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS) -> dict:
+            self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS, same_meaning: float = 0.9) -> dict:
     """The metrics named in `metric_names` (keys of METRICS, `exact` excepted) of one set of samples.
 
     Diversity figures (unique fraction, distinct-n, self-BLEU, semantic diversity) are computed
@@ -461,13 +469,18 @@ def measure(task, samples: Samples, metric_names: Iterable[str], targets: Option
             result[f"distinct_{n}"] = _mean(metrics.distinct_n(group, n) for group in per_prompt)
     if "self_bleu" in names:
         result["self_bleu"] = _mean(metrics.self_bleu(group, max_texts=self_bleu_max_texts) for group in per_prompt)
+    if embed_fn is None and names & {"semantic_diversity", "above_threshold_by_meaning"}:
+        from gf_odg.rewards.embedding import embed as embed_fn
     if "semantic_diversity" in names:
-        if embed_fn is None:
-            from gf_odg.rewards.embedding import embed as embed_fn
         result["semantic_diversity"] = _mean(metrics.semantic_diversity(group, embed_fn) for group in per_prompt)
     if "above_threshold" in names and threshold is not None:
         result["n_above_threshold"] = sum(
             metrics.count_above([texts[i] for i in positions], [float(scores[i]) for i in positions], threshold)
+            for positions in groups)
+    if "above_threshold_by_meaning" in names and threshold is not None:
+        result["n_above_threshold_by_meaning"] = sum(
+            metrics.count_above_by_meaning([texts[i] for i in positions], [float(scores[i]) for i in positions],
+                                           threshold, embed_fn, same_meaning)
             for positions in groups)
     if "modes" in names and targets:
         result.update(_mode_metrics(task, samples, targets))
@@ -557,7 +570,7 @@ def evaluate_decodings(model, tokenizer, task, prompt_order: list[int], decoding
                        metric_names: Iterable[str], batch_size: int = 128, beta: float = 1.0, seed: int = 0,
                        share_prefill: bool = True, threshold: Optional[float] = None,
                        self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS,
-                       progress: bool = False) -> dict[str, tuple[dict, Samples]]:
+                       progress: bool = False, same_meaning: float = 0.9) -> dict[str, tuple[dict, Samples]]:
     """{decoding name: (metrics, samples)}. Every decoding starts from the same seed (common random
     numbers: differences between decodings are not sampling noise of the seed). `exact` applies to
     the policy's own decoding only (temperature 1, no nucleus, one draw)."""
@@ -574,7 +587,7 @@ def evaluate_decodings(model, tokenizer, task, prompt_order: list[int], decoding
             samples = draw_samples(model, tokenizer, task, prompt_order, decoding, batch_size, generator,
                                    share_prefill, progress)
         result = measure(task, samples, names - {"exact"}, targets, threshold,
-                         self_bleu_max_texts=self_bleu_max_texts)
+                         self_bleu_max_texts=self_bleu_max_texts, same_meaning=same_meaning)
         if "exact" in names and targets and decoding.is_policy:
             result.update(exact_metrics(model, tokenizer, task, targets, share_prefill))
         results[decoding.name] = (result, samples)
@@ -587,7 +600,7 @@ def evaluate(model, tokenizer, task, n_samples: int = 512, batch_size: int = 128
     """The end-of-training evaluation of the policy: (metrics, sample rows), `n_samples` completions
     spread evenly over the prompts. `diversity` adds self-BLEU and MiniLM semantic diversity
     (seconds to minutes on a CPU: off by default so that training runs stay short)."""
-    names = set(METRICS) - {"above_threshold"}
+    names = set(METRICS) - NEEDS_THRESHOLD
     if not diversity:
         names -= SLOW_METRICS
     if not exact:

@@ -187,6 +187,40 @@ def count_above(texts: Sequence[str], scores: Sequence[float], threshold: float)
     return len({text for text, score in zip(texts, scores) if score >= threshold})
 
 
+def count_above_by_meaning(texts: Sequence[str], scores: Sequence[float], threshold: float,
+                           embed_fn: Callable[[list[str]], torch.Tensor], same_meaning: float = 0.9) -> int:
+    """Distinct texts with score ≥ threshold, near-paraphrases counted once.
+
+    The distinct high-scoring texts are taken in descending score (ties in text order); a text counts
+    when the cosine of its embedding to that of every text counted before it is below `same_meaning`:
+
+        counted = greedy packing of {t : s(t) ≥ threshold} with cos(e_i, e_j) < same_meaning between any two
+
+    So "a red apple fell." and "A red apple fell!" count once, where `count_above` counts two. With
+    same_meaning > 1 nothing merges and the count is `count_above`'s.
+    """
+    if len(texts) != len(scores):
+        raise ValueError(f"count_above_by_meaning got {len(texts)} texts but {len(scores)} scores.")
+    if not 0.0 < same_meaning:
+        raise ValueError(f"count_above_by_meaning needs same_meaning > 0, got {same_meaning}.")
+    best: dict[str, float] = {}
+    for text, score in zip(texts, scores):
+        if score >= threshold:
+            best[text] = max(score, best.get(text, score))
+    if not best:
+        return 0
+    order = sorted(best, key=lambda text: (-best[text], text))
+    unit = F.normalize(embed_fn(order).float(), dim=-1)  # [N, D]
+    close = (unit @ unit.T) >= same_meaning  # [N, N]
+    covered = torch.zeros(len(order), dtype=torch.bool)
+    counted = 0
+    for i in range(len(order)):
+        if not covered[i]:
+            counted += 1
+            covered |= close[i]
+    return counted
+
+
 def score_summary(scores: Iterable[float]) -> dict[str, float]:
     """mean, median, max, min, std (population) of the valid scores, and `violation_fraction`.
 

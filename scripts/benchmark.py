@@ -52,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -482,10 +483,26 @@ QUALITY_TASKS = {
 }
 QUALITY_METHODS = ("base", "tb", "vargrad", "rloo", "grpo")
 QUALITY_METRICS = ("score", "validity", "unique_fraction", "distinct_n", "semantic_diversity", "above_threshold",
-                   "modes", "exact")
+                   "above_threshold_by_meaning", "modes", "exact")
+SAMPLES_DIR: Path | None = None  # where each quality evaluation's completions go (one .jsonl each); None: nowhere
 
 
-def _evaluate_policy(model, tok, task, n: int, threshold: float, seed: int, batch_size: int) -> dict:
+def _save_samples(task, samples, label: str) -> None:
+    """The evaluated completions (prompt, completion, score, mode) as SAMPLES_DIR/<label>.jsonl, whole or not at all."""
+    if SAMPLES_DIR is None:
+        return
+    from gf_odg.evaluation import sample_rows
+
+    SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = SAMPLES_DIR / f"{label}.jsonl.tmp"
+    with tmp.open("w", encoding="utf-8") as out:
+        for row in sample_rows(task, samples):
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(SAMPLES_DIR / f"{label}.jsonl")
+
+
+def _evaluate_policy(model, tok, task, n: int, threshold: float, seed: int, batch_size: int,
+                     label: str | None = None) -> dict:
     from gf_odg.evaluation import evaluate_decodings, POLICY
 
     model.eval()
@@ -495,6 +512,8 @@ def _evaluate_policy(model, tok, task, n: int, threshold: float, seed: int, batc
     from collections import Counter
 
     result["top_completions"] = Counter(samples.texts).most_common(5)  # what a collapsed policy writes
+    if label:
+        _save_samples(task, samples, label)
     return result
 
 
@@ -510,28 +529,31 @@ def _unmasked_task(cfg, tok):
     return build_task(OmegaConf.create(task_cfg), tok, cfg.model.chat_template, cfg.paths.root)
 
 
-CURVE_KEYS = ("score_mean", "valid_fraction", "n_above_threshold", "unique_fraction", "semantic_diversity",
-              "exact_kl", "kl_to_target")
+CURVE_KEYS = ("score_mean", "valid_fraction", "n_above_threshold", "n_above_threshold_by_meaning", "unique_fraction",
+              "semantic_diversity", "exact_kl", "kl_to_target")
 
 
-def _curve_point(model, tok, task, n: int, threshold: float, seed: int, batch_size: int, step: int) -> dict:
+def _curve_point(model, tok, task, n: int, threshold: float, seed: int, batch_size: int, step: int,
+                 label: str | None = None) -> dict:
     """The policy's metrics at `step`, mid-training: the same evaluation as the final one, with the
     global RNG state and the train/eval mode put back afterwards (training continues unperturbed)."""
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
-        e = _evaluate_policy(model, tok, task, n, threshold, seed, batch_size)
+        e = _evaluate_policy(model, tok, task, n, threshold, seed, batch_size,
+                             f"{label}-step{step:04d}" if label else None)
     model.train(was_training)
     return {"step": step, **{k: e.get(k) for k in CURVE_KEYS}}
 
 
 def _grpo_curve_callback(tok, task, n: int, threshold: float, seed: int, batch_size: int, at_step,
-                         points: list[dict]):
+                         points: list[dict], label: str | None = None):
     from transformers import TrainerCallback
 
     class _Curve(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if at_step(state.global_step) and state.global_step < state.max_steps:
-                points.append(_curve_point(model, tok, task, n, threshold, seed, batch_size, state.global_step))
+                points.append(_curve_point(model, tok, task, n, threshold, seed, batch_size, state.global_step,
+                                           label))
 
     return _Curve()
 
@@ -611,6 +633,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
             row["steps"] = n_steps if method != "base" else 0
             overrides = [*base_overrides, f"trainer.max_steps={n_steps}"]
             curve: list[dict] = []
+            label = f"{task_name}-{method}"  # the samples files: <label>-step<N>.jsonl
             every = method in curve_methods and bool(curve_every or curve_at)
             with tempfile.TemporaryDirectory(prefix=f"gfodg-quality-{task_name}-{method}-") as tmpdir:
                 tmp = Path(tmpdir)
@@ -630,7 +653,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                         if every and at_step(trainer.step) and trainer.step < cfg.trainer.max_steps:
                             t0 = time.perf_counter()
                             curve.append(_curve_point(model, tok, task, n, threshold, cfg.seed + 1000,
-                                                      cfg.task.evaluation.batch_size, trainer.step))
+                                                      cfg.task.evaluation.batch_size, trainer.step, label))
                             curve_s += time.perf_counter() - t0
                     row["train_valid_fraction"] = statistics.fmean(valid[-10:])
                     row["sampled_with_constraint_mask"] = True
@@ -650,7 +673,8 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                                                                               cfg.objective.log_reward_min)
                         if every:  # after the timer: evaluation time is not step time
                             trainer.add_callback(_grpo_curve_callback(tok, task, n, threshold, cfg.seed + 1000,
-                                                                      cfg.task.evaluation.batch_size, at_step, curve))
+                                                                      cfg.task.evaluation.batch_size, at_step, curve,
+                                                                      label))
                         trainer.train()
                         times = timer.times
                         row.update(info)
@@ -668,7 +692,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                 row["K"], row["prompts_per_step"] = cfg.trainer.samples_per_prompt, cfg.trainer.prompts_per_step
                 t0 = time.perf_counter()
                 row["eval"] = _evaluate_policy(model, tok, task, n, threshold, cfg.seed + 1000,
-                                               cfg.task.evaluation.batch_size)
+                                               cfg.task.evaluation.batch_size, f"{label}-step{row['steps']:04d}")
                 if every and method != "base":
                     row["curve"] = [*curve, {"step": row["steps"], **{k: row["eval"].get(k) for k in CURVE_KEYS}}]
                     row["curve_eval_s"] = curve_s
@@ -721,7 +745,8 @@ def _quality_in_processes(model_name: str, device, tasks: list[str], steps: dict
             out = Path(tmpdir) / f"{key[0]}-{key[1]}.json"
             spec = {"model": model_name, "device": str(device), "task": key[0], "method": key[1], "steps": steps,
                     "n_eval": n_eval, "extra": extra, "curve_every": curve_every, "curve_methods": list(curve_methods),
-                    "curve_at": list(curve_at), "threads": threads, "overrides": OVERRIDES, "out": str(out)}
+                    "curve_at": list(curve_at), "threads": threads, "overrides": OVERRIDES, "out": str(out),
+                    "samples_dir": str(SAMPLES_DIR) if SAMPLES_DIR else None}
             proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_quality-child", json.dumps(spec)])
             running.append((key, proc, out))
         while running:
@@ -730,11 +755,24 @@ def _quality_in_processes(model_name: str, device, tasks: list[str], steps: dict
 
 
 def _quality_child(spec: dict) -> None:
+    global SAMPLES_DIR
     OVERRIDES.extend(spec["overrides"])
+    SAMPLES_DIR = Path(spec["samples_dir"]) if spec.get("samples_dir") else None
     rows = bench_quality(spec["model"], torch.device(spec["device"]), [spec["task"]], spec["steps"], spec["n_eval"],
                          [spec["method"]], spec["extra"], "steps", spec["curve_every"], tuple(spec["curve_methods"]),
                          tuple(spec["curve_at"]))
     Path(spec["out"]).write_text(json.dumps(jsonable(rows)))
+
+
+MEANING = "n_above_threshold_by_meaning"
+
+
+def _by_meaning(ours, theirs) -> dict:
+    """GRPO's by-meaning count and our ratio to it; nothing where either side lacks the count (a report
+    from before the metric existed)."""
+    if ours is None or theirs is None:
+        return {}
+    return {"grpo_n_above_threshold_by_meaning": theirs, "ratio_by_meaning": ours / theirs if theirs else math.inf}
 
 
 def matched_score(rows: list[dict]) -> None:
@@ -759,6 +797,7 @@ def matched_score(rows: list[dict]) -> None:
             if r["task"] != task or r["method"] in ("grpo", "base"):
                 continue
             score, ours = r["eval"].get("score_mean"), r["eval"].get("n_above_threshold")
+            ours_meaning = r["eval"].get(MEANING)
             crossings = []
             for a, b in zip(path, path[1:]):
                 lo, hi = sorted((a["score_mean"], b["score_mean"]))
@@ -766,9 +805,12 @@ def matched_score(rows: list[dict]) -> None:
                     w = 0.0 if hi == lo else (score - a["score_mean"]) / (b["score_mean"] - a["score_mean"])
                     theirs = a["n_above_threshold"] + w * (b["n_above_threshold"] - a["n_above_threshold"])
                     sem = a["semantic_diversity"] + w * (b["semantic_diversity"] - a["semantic_diversity"])
+                    meaning = (None if a.get(MEANING) is None or b.get(MEANING) is None
+                               else a[MEANING] + w * (b[MEANING] - a[MEANING]))
                     crossings.append({"score": score, "grpo_steps": [a["step"], b["step"]],
                                       "grpo_n_above_threshold": theirs, "grpo_semantic_diversity": sem,
-                                      "ratio": ours / theirs if theirs else math.inf})
+                                      "ratio": ours / theirs if theirs else math.inf,
+                                      **_by_meaning(ours_meaning, meaning)})
             if crossings:
                 r["matched"], r["matched_all"] = crossings[0], crossings
             elif score > max(scores):
@@ -777,7 +819,8 @@ def matched_score(rows: list[dict]) -> None:
                 r["above_grpo_path"] = {"score": score, "grpo_score": best["score_mean"], "grpo_step": best["step"],
                                         "grpo_n_above_threshold": theirs,
                                         "grpo_semantic_diversity": best["semantic_diversity"],
-                                        "ratio": ours / theirs if theirs else math.inf}
+                                        "ratio": ours / theirs if theirs else math.inf,
+                                        **_by_meaning(ours_meaning, best.get(MEANING))}
 
 
 # ----------------------------------------------------------------------------- report
@@ -847,19 +890,28 @@ def _num(value, fmt: str = ".3f") -> str:
     return format(value, fmt) if isinstance(value, float) else str(value)
 
 
+def _meaning_cells(row: dict, match: dict) -> str:
+    """'ours / GRPO | ratio' of the by-meaning count, or '- | -' where a report has none."""
+    if "ratio_by_meaning" not in match:
+        return "- | -"
+    return (f"{row['eval'][MEANING]} / {_num(match['grpo_n_above_threshold_by_meaning'], '.1f')} | "
+            f"{match['ratio_by_meaning']:.2f}x")
+
+
 def quality_table(rows: list[dict]) -> list[str]:
     budget = ("the same training seconds (GRPO's; steps differ)" if rows and rows[0].get("budget") == "time"
               else "the same number of steps")
     lines = [f"Quality after {budget} on the same prompts and batch; evaluated by "
              "gf_odg.evaluation under the task's constraint mask (same samples count and seed for every method):", "",
-             "| task | method | steps | K x prompts | score mean | valid | distinct high-reward | unique fraction | "
-             "semantic diversity | KL to target, sampled | KL, exact | train valid (last 10 steps) | s / step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| task | method | steps | K x prompts | score mean | valid | distinct high-reward | by meaning | "
+             "unique fraction | semantic diversity | KL to target, sampled | KL, exact | train valid (last 10 steps) | "
+             "s / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["eval"]
         lines.append(f"| {r['task']} | {r['method']} | {r['steps']} | {r['K']} x {r['prompts_per_step']} | "
                      f"{_num(e.get('score_mean'))} | {_num(e.get('valid_fraction'))} | {_num(e.get('n_above_threshold'))} | "
-                     f"{_num(e.get('unique_fraction'))} | {_num(e.get('semantic_diversity'))} | "
+                     f"{_num(e.get(MEANING))} | {_num(e.get('unique_fraction'))} | {_num(e.get('semantic_diversity'))} | "
                      f"{_num(e.get('kl_to_target'))} | {_num(e.get('exact_kl'))} | {_num(r.get('train_valid_fraction'))} | "
                      f"{_num(r.get('step_s'), '.2f')} |")
     unmasked = [r for r in rows if r.get("eval_unmasked")]
@@ -875,11 +927,11 @@ def quality_table(rows: list[dict]) -> list[str]:
         lines += ["", "At matched mean score: GRPO's distinct high-reward completions and semantic diversity where "
                   "its training path (base model, every curve point, final) crosses our final mean score, one line per crossing "
                   "(linear in the score between the two GRPO points that bracket it):", "",
-                  "| task | method | score mean | distinct high-reward, ours / GRPO | ratio | semantic diversity, "
-                  "ours / GRPO | GRPO between steps |", "|---|---|---|---|---|---|---|"]
+                  "| task | method | score mean | distinct high-reward, ours / GRPO | ratio | by meaning, ours / GRPO | "
+                  "ratio | semantic diversity, ours / GRPO | GRPO between steps |", "|---|---|---|---|---|---|---|---|---|"]
         for r, m in ((r, m) for r in matched for m in r.get("matched_all", [r["matched"]])):
             lines.append(f"| {r['task']} | {r['method']} | {m['score']:.3f} | {r['eval']['n_above_threshold']} / "
-                         f"{m['grpo_n_above_threshold']:.1f} | {m['ratio']:.2f}x | "
+                         f"{m['grpo_n_above_threshold']:.1f} | {m['ratio']:.2f}x | {_meaning_cells(r, m)} | "
                          f"{_num(r['eval'].get('semantic_diversity'))} / {m['grpo_semantic_diversity']:.3f} | "
                          f"{m['grpo_steps'][0]}-{m['grpo_steps'][1]} |")
     above = [r for r in rows if r.get("above_grpo_path")]
@@ -887,12 +939,13 @@ def quality_table(rows: list[dict]) -> list[str]:
         lines += ["", "Our mean score above every point of GRPO's training path: against GRPO's best-scoring point "
                   "(the nearest in score, ours higher):", "",
                   "| task | method | score mean, ours / GRPO | distinct high-reward, ours / GRPO | ratio | "
-                  "semantic diversity, ours / GRPO | GRPO step |", "|---|---|---|---|---|---|---|"]
+                  "by meaning, ours / GRPO | ratio | semantic diversity, ours / GRPO | GRPO step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in above:
             m = r["above_grpo_path"]
             lines.append(f"| {r['task']} | {r['method']} | {m['score']:.3f} / {m['grpo_score']:.3f} | "
                          f"{r['eval']['n_above_threshold']} / {m['grpo_n_above_threshold']} | {m['ratio']:.2f}x | "
-                         f"{_num(r['eval'].get('semantic_diversity'))} / {_num(m['grpo_semantic_diversity'])} | "
+                         f"{_meaning_cells(r, m)} | {_num(r['eval'].get('semantic_diversity'))} / {_num(m['grpo_semantic_diversity'])} | "
                          f"{m['grpo_step']} |")
     lines.append("")
     return lines
@@ -1022,6 +1075,7 @@ def merge_quality(paths: list[str], out_dir: str | None) -> None:
 
 
 def main() -> None:
+    global SAMPLES_DIR
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -1131,6 +1185,10 @@ def main() -> None:
         if args.quick:
             extra = [*extra, "trainer.samples_per_prompt=4", "trainer.prompts_per_step=1"]
     report = {"machine": machine(), "model": args.model, "date": datetime.now().isoformat(timespec="seconds")}
+    out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    if "quality" in sections:  # a run that fails leaves them under this name, not as finished results
+        SAMPLES_DIR = out / "quality_samples.partial"
+        shutil.rmtree(SAMPLES_DIR, ignore_errors=True)
     print(f"benchmark on {report['machine']}", flush=True)
     if "prefill" in sections:
         report["prefill"] = bench_prefill(args.model, device, ks, args.repeats)
@@ -1154,8 +1212,11 @@ def main() -> None:
                                           tuple(int(x) for x in curve_at), args.quality_jobs, args.threads)
         report["quality_overrides"] = extra
         report["quality_budget"] = args.quality_budget
-    out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
+    if SAMPLES_DIR is not None and SAMPLES_DIR.is_dir():
+        report["quality_samples"] = "quality_samples/"
+        shutil.rmtree(out / "quality_samples", ignore_errors=True)
+        SAMPLES_DIR.rename(out / "quality_samples")
     (out / "benchmark.json").write_text(json.dumps(jsonable(report), indent=2))
     (out / "benchmark.md").write_text(markdown(report))
     plot(report, out / "benchmark.png")

@@ -75,7 +75,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     order = [p for p in range(len(task.records)) for _ in range(settings.samples_per_prompt)]
     results = evaluate_decodings(model, tokenizer, task, order, settings.decodings, settings.metrics,
                                  settings.batch_size, settings.beta, settings.seed, cfg.trainer.share_prompt_prefill,
-                                 settings.threshold, settings.self_bleu_max_texts, settings.progress)
+                                 settings.threshold, settings.self_bleu_max_texts, settings.progress,
+                                 settings.same_meaning)
 
     rows = [row for _, samples in results.values() for row in sample_rows(task, samples)]
     with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as out:
@@ -94,6 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "beta": settings.beta,
         "seed": settings.seed,
         "threshold": settings.threshold,
+        "same_meaning": settings.same_meaning,
         "metrics": sorted(settings.metrics),
         "decodings": {d.name: {"temperature": d.temperature, "top_p": d.top_p, "best_of": d.best_of}
                       for d in settings.decodings},

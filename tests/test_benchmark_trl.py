@@ -45,6 +45,7 @@ def test_trl_step_and_quality_sections_run_on_the_tiny_model(tmp_path):
         assert 0 <= e["n_above_threshold"] <= min(n, 101) and e["n_above_threshold"] == e["distinct"]
         assert 0 <= e["exact_kl"] < 20 and 0 <= e["exact_tv"] <= 1.0
         assert isinstance(e["semantic_diversity"], float)
+        assert 0 <= e["n_above_threshold_by_meaning"] <= e["n_above_threshold"]
         assert 0.0 <= row["eval_unmasked"]["valid_fraction"] <= 1.0
         if method == "base":
             assert row["steps"] == 0 and row["step_s"] is None
@@ -63,6 +64,15 @@ def test_trl_step_and_quality_sections_run_on_the_tiny_model(tmp_path):
     assert rows["grpo"]["curve"][-1]["n_above_threshold"] == rows["grpo"]["eval"]["n_above_threshold"]
     assert rows["grpo"]["sampled_with_constraint_mask"] is False and rows["tb"]["sampled_with_constraint_mask"] is True
 
+    # Every evaluation's completions, one file each: the final policies and GRPO's curve point at step 1.
+    samples = out / "quality_samples"
+    expected = {f"rng-{m}-step{rows[m]['steps']:04d}.jsonl" for m in METHODS} | {"rng-grpo-step0001.jsonl"}
+    assert {f.name for f in samples.iterdir()} == expected and report["quality_samples"] == "quality_samples/"
+    assert not (out / "quality_samples.partial").exists()
+    lines = [json.loads(x) for x in (samples / f"rng-tb-step{rows['tb']['steps']:04d}.jsonl").read_text().splitlines()]
+    assert len(lines) == n and set(lines[0]) == {"prompt", "completion", "score", "mode", "decoding"}
+    assert sum(1 for x in lines if x["score"] is not None) == round(rows["tb"]["eval"]["valid_fraction"] * n)
+
     md = (out / "benchmark.md").read_text()
     assert md.startswith("Machine:") and "TRL GRPO" in md and "| rng | grpo |" in md
     assert (out / "benchmark_trl_step.png").stat().st_size > 0 and (out / "benchmark_quality.png").stat().st_size > 0
@@ -77,8 +87,27 @@ def _benchmark_module():
     return module
 
 
-def _point(step, score, above, sem=0.5):
-    return {"step": step, "score_mean": score, "n_above_threshold": above, "semantic_diversity": sem}
+def _point(step, score, above, sem=0.5, meaning=None):
+    point = {"step": step, "score_mean": score, "n_above_threshold": above, "semantic_diversity": sem}
+    return point if meaning is None else {**point, "n_above_threshold_by_meaning": meaning}
+
+
+def test_matched_score_reads_the_by_meaning_count_where_both_sides_have_it():
+    bench = _benchmark_module()
+    grpo = {"task": "kw", "method": "grpo", "eval": _point(4, 2.0, 30, 0.2, meaning=6),
+            "curve": [_point(2, 0.0, 10, 0.6, meaning=8), _point(4, 2.0, 30, 0.2, meaning=6)]}
+    ours = {"task": "kw", "method": "tb", "eval": _point(9, 1.0, 40, 0.7, meaning=21)}
+    beyond = {"task": "kw", "method": "vargrad", "eval": _point(9, 2.5, 50, meaning=24)}
+    old = {"task": "kw", "method": "rloo", "eval": _point(9, 1.0, 40)}  # a report from before the metric
+    bench.matched_score([grpo, ours, beyond, old])
+    assert ours["matched"]["grpo_n_above_threshold_by_meaning"] == 7.0 and ours["matched"]["ratio_by_meaning"] == 3.0
+    assert beyond["above_grpo_path"]["grpo_n_above_threshold_by_meaning"] == 6
+    assert beyond["above_grpo_path"]["ratio_by_meaning"] == 4.0
+    assert "ratio_by_meaning" not in old["matched"] and old["matched"]["ratio"] == 2.0
+    lines = bench.quality_table([{**r, "steps": 1, "K": 4, "prompts_per_step": 1} for r in (grpo, ours, beyond, old)])
+    assert any("| 40 / 20.0 | 2.00x | 21 / 7.0 | 3.00x |" in line for line in lines)
+    assert any("| 50 / 30 | 1.67x | 24 / 6 | 4.00x |" in line for line in lines)
+    assert any("| kw | rloo | 1.000 | 40 / 20.0 | 2.00x | - | - |" in line for line in lines)
 
 
 def test_matched_score_reads_grpo_path_at_our_score():

@@ -25,7 +25,7 @@ from gf_odg.tasks import build_task
 
 EVAL_KEYS = ("n_samples", "score_mean", "score_median", "score_max", "valid_fraction", "valid_percent",
              "constraints_satisfied_percent", "unique_fraction", "distinct_1", "distinct_2", "distinct_3",
-             "self_bleu", "semantic_diversity", "n_above_threshold", "distinct", "n_modes", "mode_coverage",
+             "self_bleu", "semantic_diversity", "n_above_threshold", "n_above_threshold_by_meaning", "distinct", "n_modes", "mode_coverage",
              "mode_entropy", "kl_to_target", "tv_to_target")
 EXACT_KEYS = ("exact_kl", "exact_tv", "exact_valid_mass")
 TRAINER_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "n_modes", "kl_to_target",
@@ -185,7 +185,7 @@ def test_eval_config_is_typed_and_resolves_its_nulls():
     assert settings.samples_per_prompt == cfg.task.evaluation.n_samples  # one prompt
     assert [d.name for d in settings.decodings] == ["policy", "temperature_0.7", "nucleus_0.95", "best_of_n"]
     assert settings.decodings[2].top_p == 0.95 and settings.decodings[3].best_of == cfg.eval.best_of_n
-    assert "above_threshold" not in settings.metrics  # no threshold given
+    assert not settings.metrics & {"above_threshold", "above_threshold_by_meaning"}  # no threshold given
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
         compose_eval(["eval.adaptr=x"])
     assert "adaptr" in str(err.value)
@@ -199,6 +199,8 @@ def test_eval_config_is_typed_and_resolves_its_nulls():
     ("eval.baselines=[temperature_0]", "'temperature_0' is not a decoding"),
     ("eval.baselines=[nucleus_1.5]", "'nucleus_1.5' is not a decoding"),
     ("eval.metrics=[above_threshold]", "eval.threshold is null"),
+    ("eval.metrics=[above_threshold_by_meaning]", "asks for above_threshold_by_meaning but eval.threshold is null"),
+    ("eval.same_meaning=1.5", "eval.same_meaning=1.5: expected a cosine in (0, 1]"),
 ])
 def test_bad_eval_settings_are_named(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -247,6 +249,8 @@ def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
     for key in (*EVAL_KEYS, *EXACT_KEYS):
         assert key in policy, key
     assert policy["constraints_satisfied_percent"] == 100.0
+    assert 1 <= policy["n_above_threshold_by_meaning"] <= policy["n_above_threshold"]  # merging only lowers it
+    assert report["same_meaning"] == 0.9
     assert report["baselines"]["temperature_1"] == policy  # the same decoding: the same draws
     best = report["baselines"]["best_of_n"]
     assert "exact_kl" not in best and best["valid_fraction"] >= policy["valid_fraction"]

@@ -7,6 +7,7 @@ import torch
 
 from gf_odg.metrics import (
     count_above,
+    count_above_by_meaning,
     distinct_n,
     empirical_distribution,
     kl_divergence,
@@ -109,6 +110,33 @@ def test_count_above_counts_distinct_texts_only():
     assert count_above(texts, scores, 0.5) == 2
     with pytest.raises(ValueError):
         count_above(texts, scores[:2], 0.5)
+
+
+def test_count_above_by_meaning_merges_near_paraphrases_only():
+    # Hand-placed unit vectors: "a red apple." and "A red apple!" at cosine 0.96, "a green pear." at 0.6 and
+    # 0.58 to them, "rain" at 0.28 or less to all; "rain" scores below the threshold of 2.
+    vectors = {"a red apple.": [1.0, 0.0, 0.0], "A red apple!": [0.96, 0.28, 0.0],
+               "a green pear.": [0.6, 0.0, 0.8], "rain": [0.0, 1.0, 0.0]}
+    seen: list[list[str]] = []
+
+    def embed(texts):
+        seen.append(list(texts))
+        return torch.tensor([vectors[t] for t in texts])
+
+    texts = ["a red apple.", "A red apple!", "a red apple.", "a green pear.", "rain"]
+    scores = [2.0, 3.0, 2.0, 2.5, 1.0]
+    assert count_above(texts, scores, 2.0) == 3
+    assert count_above_by_meaning(texts, scores, 2.0, embed, same_meaning=0.9) == 2  # the two apples count once
+    assert seen[-1] == ["A red apple!", "a green pear.", "a red apple."]  # distinct, by descending score
+    assert count_above_by_meaning(texts, scores, 2.0, embed, same_meaning=0.99) == 3  # nothing that close
+    assert count_above_by_meaning(texts, scores, 2.0, embed, same_meaning=0.5) == 1  # the pear too (0.58 to the first counted)
+    assert count_above_by_meaning(texts, scores, 0.0, embed, same_meaning=0.9) == 3  # with "rain", far from all
+    assert count_above_by_meaning(texts, scores, 5.0, embed) == 0
+    # Greedy in score order: with the pear first, the apples (0.58-0.6 to it, 0.96 to each other) count once.
+    assert count_above_by_meaning(["a green pear.", "a red apple.", "A red apple!"], [9.0, 1.0, 1.0], 0.0, embed,
+                                  same_meaning=0.9) == 2
+    with pytest.raises(ValueError):
+        count_above_by_meaning(texts, scores[:2], 0.5, embed)
 
 
 def test_score_summary_ignores_violations():
