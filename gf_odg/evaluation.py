@@ -53,7 +53,8 @@ METRICS = {
     "modes": "distinct, n_modes, mode_coverage, mode_entropy, target_entropy, kl_to_target, tv_to_target, kl_floor",
     "exact": "exact_kl, exact_tv, exact_valid_mass",
 }
-SLOW_METRICS = frozenset({"self_bleu", "semantic_diversity", "above_threshold_by_meaning"})  # MiniLM, quadratic BLEU: off while training
+# MiniLM embeddings, quadratic BLEU: off while training
+SLOW_METRICS = frozenset({"self_bleu", "semantic_diversity", "above_threshold_by_meaning"})
 NEEDS_THRESHOLD = frozenset({"above_threshold", "above_threshold_by_meaning"})
 SELF_BLEU_MAX_TEXTS = 200  # per prompt: 200 texts take about 1 s on a CPU core, 500 about 5 s
 
