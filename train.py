@@ -27,7 +27,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from gf_odg.config import register_configs  # noqa: E402
+from gf_odg.config.schema import register_configs  # noqa: E402
 from gf_odg.distributed import Dist, launch_time, share_launch_time  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
 
@@ -90,8 +90,8 @@ def release_memory() -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from gf_odg.trainer import Trainer
-    from gf_odg.validation import validate
+    from gf_odg.training.trainer import Trainer
+    from gf_odg.config.validation import validate
 
     validate(cfg)
     trainer = Trainer(cfg, run_dir)

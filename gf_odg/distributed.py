@@ -8,7 +8,7 @@ does, done by hand because the sampler and scorer call the transformer body and 
 projection directly (a `DistributedDataParallel` wrapper only hooks the outer `forward`). The
 parameters start equal (same seed) and stay equal (same averaged gradient, same optimiser).
 
-Under an FSDP launch (accelerate/fsdp.yaml) the decoder layers are sharded instead, by torch's
+Under an FSDP launch (configs/accelerate/fsdp.yaml) the decoder layers are sharded instead, by torch's
 FSDP2 `fully_shard` (`Dist.shard`): each process holds its shard of every layer's weights, FSDP
 reduce-scatters the LoRA gradients, and generation runs in lockstep, since every forward call of a
 sharded layer gathers its weights from all processes.
@@ -59,13 +59,13 @@ class Dist:
             raise ConfigError(
                 "accelerate launched this run with DeepSpeed, which GF-ODG does not run: the sampler and scorer call "
                 "the transformer body and output projection directly, outside a DeepSpeed engine. Launch with "
-                "--config_file accelerate/ddp.yaml (each process the whole 4-bit model) or accelerate/fsdp.yaml "
+                "--config_file configs/accelerate/ddp.yaml (each process the whole 4-bit model) or configs/accelerate/fsdp.yaml "
                 "(bf16/fp32 weights sharded across processes).")
         if self.fsdp:
             if os.environ.get("FSDP_VERSION", "1") != "2":
                 raise ConfigError(f"accelerate launched this run with FSDP version {os.environ.get('FSDP_VERSION', '1')}; "
                                   "GF-ODG shards with FSDP2 (torch fully_shard): set fsdp_version: 2, as "
-                                  "accelerate/fsdp.yaml does.")
+                                  "configs/accelerate/fsdp.yaml does.")
             for flag, what in (("FSDP_OFFLOAD_PARAMS", "fsdp_offload_params"),
                                ("FSDP_ACTIVATION_CHECKPOINTING", "fsdp_activation_checkpointing")):
                 if _env_flag(flag):
@@ -112,12 +112,12 @@ class Dist:
             raise ConfigError(
                 "model.quantization.load_in_4bit=true under an FSDP launch: GF-ODG's FSDP path shards bf16/fp32 "
                 "weights; 4-bit QLoRA runs data parallel, each process holding the whole 4-bit model. Launch with "
-                "--config_file accelerate/ddp.yaml, or set model.quantization.load_in_4bit=false "
+                "--config_file configs/accelerate/ddp.yaml, or set model.quantization.load_in_4bit=false "
                 "model.dtype=bfloat16 to shard the full-precision weights.")
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        from gf_odg.sampling import decoder_and_head
+        from gf_odg.generation.sampling import decoder_and_head
 
         decoder, _, _ = decoder_and_head(model)
         device_type = self.device.type if self.device is not None else "cpu"

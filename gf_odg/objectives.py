@@ -1,6 +1,6 @@
 """Training objectives: one signature, `objective(batch) -> (loss, diagnostics)`.
 
-Notation (DESIGN.md sec. 1): x a prompt, y = (y_1 .. y_T, EOS) a completion, log P_F(y|x) the sum
+Notation (docs/design.md sec. 1): x a prompt, y = (y_1 .. y_T, EOS) a completion, log P_F(y|x) the sum
 of masked token log-probabilities of the training policy at temperature 1, log R(x, y) the floored
 log-reward. Every objective below except RLOO is satisfied exactly when P_F(y|x) ∝ R(x, y), and
 all of them are off-policy: `batch` may come from any behaviour policy.

@@ -19,7 +19,7 @@ Sections:
 - overhead: our full step (sample + reward + score + optimiser) against the same batch through raw
   `model.generate`, the reward and one raw forward/backward, and where our step time goes.
 - sharding (not in the default sections): the same training with full-precision weights + LoRA
-  launched data parallel (accelerate/ddp.yaml) and FSDP-sharded (accelerate/fsdp.yaml),
+  launched data parallel (configs/accelerate/ddp.yaml) and FSDP-sharded (configs/accelerate/fsdp.yaml),
   `--shard-processes` processes each: parameter memory held per process, peak memory, seconds per
   step, loss and gradient norm (which should agree between the two).
 - trl_step: our training step (TB) against one optimiser step of TRL's GRPOTrainer on the same batch:
@@ -27,7 +27,7 @@ Sections:
   LoRA, no reference model on either side (GRPO beta = 0), both in this process, median after a
   warm-up step. Ours is timed under the rng constraint mask and without it (TRL samples unmasked).
 - quality: on rng and keywords, the base model, our tb / vargrad / rloo and TRL GRPO trained for
-  the same number of steps on the same prompts and batch, evaluated by gf_odg.evaluation on the
+  the same number of steps on the same prompts and batch, evaluated by gf_odg.evaluation.core on the
   same samples: score, validity, distinct high-reward completions, semantic diversity, KL to the
   target (rng, sampled and exact), seconds per step (`--quality-steps rng=100,keywords=20`, or
   `keywords=40,keywords.grpo=14` for a method's own step count,
@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gf_odg.tracking import jsonable  # noqa: E402
+from gf_odg.io.tracking import jsonable  # noqa: E402
 
 FEW_SHOT = ("You are a random number generator. Each answer is one integer between 0 and 100, chosen uniformly "
             "at random, written with digits only and nothing else.\n\n")
@@ -75,7 +75,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from gf_odg.config import register_configs
+    from gf_odg.config.schema import register_configs
 
     from hydra.errors import HydraException
 
@@ -119,7 +119,7 @@ OVERRIDES: list[str] = []  # --overrides: Hydra overrides applied to every model
 
 
 def load(model_name: str, device: torch.device, extra: list[str] = ()):
-    from gf_odg.modelling import load_policy
+    from gf_odg.model.loading import load_policy
 
     cfg = compose([f"model={model_name}", *OVERRIDES, *extra])
     model, tokenizer, _ = load_policy(cfg.model, cfg.paths, device)
@@ -128,10 +128,10 @@ def load(model_name: str, device: torch.device, extra: list[str] = ()):
 
 # ----------------------------------------------------------------------------- prefill
 def bench_prefill(model_name: str, device, ks: list[int], repeats: int) -> list[dict]:
-    from gf_odg.constraints import ConstraintSet
-    from gf_odg.prompts import PromptBatch, render_prompt
-    from gf_odg.sampling import sample
-    from gf_odg.scoring import score_completions
+    from gf_odg.data.constraints import ConstraintSet
+    from gf_odg.data.prompts import PromptBatch, render_prompt
+    from gf_odg.generation.sampling import sample
+    from gf_odg.generation.scoring import score_completions
 
     cfg, model, tok = load(model_name, device)
     cons = ConstraintSet.from_config({"allowed": "digits", "min_new_tokens": 1}, tok, 4)
@@ -175,7 +175,7 @@ def _memory_child(variant: str, vocab: int, batch: int, width: int, device_name:
     """Run in a fresh process: peak memory of one log-prob computation + backward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gf_odg.scoring import selective_logprobs
+    from gf_odg.generation.scoring import selective_logprobs
 
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -236,7 +236,7 @@ def bench_memory(device, vocab: int, batch: int, width: int) -> dict:
 
 # ----------------------------------------------------------------------------- overhead
 def bench_overhead(model_name: str, device, k: int, repeats: int) -> dict:
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     cfg = compose([f"model={model_name}", *OVERRIDES, "logger=none", "trainer.progress=false",
                    f"trainer.samples_per_prompt={k}",
@@ -282,7 +282,7 @@ def bench_overhead(model_name: str, device, k: int, repeats: int) -> dict:
 def bench_scale(model_name: str, device, k: int, steps: int, variants: dict[str, list[str]]) -> list[dict]:
     """Per variant (e.g. 4-bit vs bf16): sampled tokens per second, seconds per training step, peak
     GPU memory, over `steps` steps of the rng task after one warm-up step."""
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     rows = []
     for name, extra in variants.items():
@@ -326,7 +326,7 @@ def _shard_child(spec: dict) -> None:
 
     from torch.distributed.tensor import DTensor
 
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="gfodg-shard-") as tmpdir:
@@ -337,16 +337,14 @@ def _shard_child(spec: dict) -> None:
         trainer.setup()
         cuda = trainer.device.type == "cuda"
         held = sum(local(p).numel() * local(p).element_size() for p in trainer.model.parameters())
-        trainer.train_step(trainer.collect())
-        trainer.step += 1
+        trainer.step()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times, metrics = [], {}
         for _ in range(spec["steps"]):
             sync(trainer.device)
             t0 = time.perf_counter()
-            metrics = trainer.train_step(trainer.collect())
-            trainer.step += 1
+            metrics = trainer.step()
             sync(trainer.device)
             times.append(time.perf_counter() - t0)
         row = {"rank": trainer.dist.rank, "world_size": trainer.dist.world_size, "sharded": trainer.dist.sharded,
@@ -359,8 +357,8 @@ def _shard_child(spec: dict) -> None:
 
 
 def bench_sharding(model_name: str, device, k: int, steps: int, processes: int) -> list[dict]:
-    """The same training (full-precision weights + LoRA) launched data parallel (accelerate/ddp.yaml)
-    and with the decoder layers sharded (accelerate/fsdp.yaml), `processes` processes each: parameter
+    """The same training (full-precision weights + LoRA) launched data parallel (configs/accelerate/ddp.yaml)
+    and with the decoder layers sharded (configs/accelerate/fsdp.yaml), `processes` processes each: parameter
     memory each process holds after sharding, peak memory, seconds per step, and the first process's
     loss and gradient norm after the same steps (they should agree: the same computation)."""
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -368,7 +366,7 @@ def bench_sharding(model_name: str, device, k: int, steps: int, processes: int) 
     rows = []
     for name in ("ddp", "fsdp"):
         spec = {"model": model_name, "overrides": overrides, "k": k, "steps": steps}
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / f"{name}.yaml"),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{name}.yaml"),
                "--num_processes", str(processes), str(Path(__file__).resolve()), "--_shard-child", json.dumps(spec)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
         result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -390,7 +388,7 @@ def bench_sharding(model_name: str, device, k: int, steps: int, processes: int) 
 
 # ----------------------------------------------------------------------------- trl_step
 def _our_trainer(model_name: str, device, extra: list[str], tmp: Path):
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     cfg = compose([f"model={model_name}", *OVERRIDES, "logger=none", "trainer.progress=false",
                    "trainer.max_steps=100000", "run_name=benchmark-trl", f"trainer.device={device}",
@@ -407,9 +405,8 @@ def _time_ours(trainer, repeats: int) -> tuple[float, float]:
     for i in range(repeats + 1):
         sync(trainer.device)
         t0 = time.perf_counter()
-        batch = trainer.collect()
-        trainer.train_step(batch)
-        trainer.step += 1
+        trainer.step()
+        batch = trainer.last_batch
         sync(trainer.device)
         if i:
             times.append(time.perf_counter() - t0)
@@ -421,8 +418,8 @@ def _time_trl(model_name: str, device, k: int, repeats: int, tmp: Path,
               lora_fp32: bool = True) -> tuple[float, float, dict]:
     """Median seconds of one GRPOTrainer optimiser step (generate, reward, forward/backward,
     optimiser) after a warm-up step, on the rng chat prompt with K = num_generations."""
-    from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
-    from gf_odg.tasks import build_task
+    from gf_odg.baselines.grpo import build_grpo_trainer, grpo_args
+    from gf_odg.data.tasks import build_task
 
     cfg, model, tok = load(model_name, device, [f"trainer.device={device}"])
     task = build_task(cfg.task, tok, cfg.model.chat_template, cfg.paths.root)
@@ -491,7 +488,7 @@ def _save_samples(task, samples, label: str) -> None:
     """The evaluated completions (prompt, completion, score, mode) as SAMPLES_DIR/<label>.jsonl, whole or not at all."""
     if SAMPLES_DIR is None:
         return
-    from gf_odg.evaluation import sample_rows
+    from gf_odg.evaluation.core import sample_rows
 
     SAMPLES_DIR.mkdir(parents=True, exist_ok=True)
     tmp = SAMPLES_DIR / f"{label}.jsonl.tmp"
@@ -503,7 +500,7 @@ def _save_samples(task, samples, label: str) -> None:
 
 def _evaluate_policy(model, tok, task, n: int, threshold: float, seed: int, batch_size: int,
                      label: str | None = None) -> dict:
-    from gf_odg.evaluation import evaluate_decodings, POLICY
+    from gf_odg.evaluation.core import evaluate_decodings, POLICY
 
     model.eval()
     order = [i % len(task.records) for i in range(n)]
@@ -522,7 +519,7 @@ def _unmasked_task(cfg, tok):
     unconstrained sampler, TRL's, emits on its own."""
     from omegaconf import OmegaConf
 
-    from gf_odg.tasks import build_task
+    from gf_odg.data.tasks import build_task
 
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     task_cfg["constraints"] = {k: v for k, v in task_cfg["constraints"].items() if k != "allowed"}
@@ -574,7 +571,7 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                   curve_methods: tuple[str, ...] = ("tb", "vargrad", "rloo", "grpo"), curve_at: tuple[int, ...] = (),
                   jobs: int = 1, threads: int = 1) -> list[dict]:
     """Per task, each method trained on the same prompts and batch (K per prompt, prompts per step,
-    learning rate and schedule of the task's experiment config), then evaluated by gf_odg.evaluation
+    learning rate and schedule of the task's experiment config), then evaluated by gf_odg.evaluation.core
     on the same n samples from the same seed, under the task's constraint mask. `grpo` is TRL's
     GRPOTrainer on the same model load, LoRA and reward (sampling without our mask); `base` the
     untrained model.
@@ -591,8 +588,8 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
     running them in turn (up to floating-point summation order)."""
     import tempfile
 
-    from gf_odg.grpo_baseline import build_grpo_trainer, grpo_args
-    from gf_odg.trainer import build_policy_and_task, seed_everything
+    from gf_odg.baselines.grpo import build_grpo_trainer, grpo_args
+    from gf_odg.training.trainer import build_policy_and_task, seed_everything
 
     if budget not in ("steps", "time"):
         raise SystemExit(f"--quality-budget must be 'steps' or 'time', got {budget!r}")
@@ -643,17 +640,16 @@ def bench_quality(model_name: str, device, tasks: list[str], steps: dict[str, in
                     trainer = _our_trainer(model_name, device, overrides, tmp)
                     cfg, model, tok, task = trainer.cfg, trainer.model, trainer.tokenizer, trainer.task
                     times, valid = [], []
-                    while trainer.step < cfg.trainer.max_steps:
+                    while trainer.global_step < cfg.trainer.max_steps:
                         t0 = time.perf_counter()
-                        batch = trainer.collect()
-                        metrics = trainer.train_step(batch)
-                        trainer.step += 1
+                        metrics = trainer.step()
+                        batch = trainer.last_batch
                         times.append(time.perf_counter() - t0)
                         valid.append(metrics["reward/valid_fraction"])
-                        if every and at_step(trainer.step) and trainer.step < cfg.trainer.max_steps:
+                        if every and at_step(trainer.global_step) and trainer.global_step < cfg.trainer.max_steps:
                             t0 = time.perf_counter()
                             curve.append(_curve_point(model, tok, task, n, threshold, cfg.seed + 1000,
-                                                      cfg.task.evaluation.batch_size, trainer.step, label))
+                                                      cfg.task.evaluation.batch_size, trainer.global_step, label))
                             curve_s += time.perf_counter() - t0
                     row["train_valid_fraction"] = statistics.fmean(valid[-10:])
                     row["sampled_with_constraint_mask"] = True
@@ -902,7 +898,7 @@ def quality_table(rows: list[dict]) -> list[str]:
     budget = ("the same training seconds (GRPO's; steps differ)" if rows and rows[0].get("budget") == "time"
               else "the same number of steps")
     lines = [f"Quality after {budget} on the same prompts and batch; evaluated by "
-             "gf_odg.evaluation under the task's constraint mask (same samples count and seed for every method):", "",
+             "gf_odg.evaluation.core under the task's constraint mask (same samples count and seed for every method):", "",
              "| task | method | steps | K x prompts | score mean | valid | distinct high-reward | by meaning | "
              "unique fraction | semantic diversity | KL to target, sampled | KL, exact | train valid (last 10 steps) | "
              "s / step |",

@@ -35,10 +35,10 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from gf_odg.config import register_configs  # noqa: E402
+from gf_odg.config.schema import register_configs  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
-from gf_odg.evaluation import register_eval_config  # noqa: E402
-from gf_odg.tracking import jsonable  # noqa: E402
+from gf_odg.evaluation.core import register_eval_config  # noqa: E402
+from gf_odg.io.tracking import jsonable  # noqa: E402
 
 register_configs()
 register_eval_config()  # after register_configs: main's schema plus the `eval` node
@@ -51,11 +51,11 @@ DIVERSITY_AXES = ("semantic_diversity", "distinct_2", "mode_entropy", "unique_fr
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     import torch
 
-    from gf_odg.evaluation import (check_eval_config, evaluate_decodings, load_evaluated_policy, resolve_adapter,
+    from gf_odg.evaluation.core import (check_eval_config, evaluate_decodings, load_evaluated_policy, resolve_adapter,
                                    sample_rows)
-    from gf_odg.modelling import resolve_device
-    from gf_odg.tasks import build_reward, build_task
-    from gf_odg.validation import validate
+    from gf_odg.model.loading import resolve_device
+    from gf_odg.data.tasks import build_reward, build_task
+    from gf_odg.config.validation import validate
 
     # Everything a user can mistype fails here, before a model loads.
     settings = check_eval_config(cfg)
@@ -120,7 +120,7 @@ def make_plots(task, results: dict, beta: float, folder: Path) -> list[Path]:
     """scores.png, modes.png (where the reward lists modes), reward_vs_diversity.png. A baseline
     that repeats the policy's decoding (temperature_1) repeats its samples and is not drawn twice."""
     from gf_odg import plots
-    from gf_odg.evaluation import mode_of, mode_targets
+    from gf_odg.evaluation.core import mode_of, mode_targets
 
     shown = {name: pair for number, (name, pair) in enumerate(results.items())
              if number == 0 or not pair[1].decoding.is_policy}
@@ -145,7 +145,7 @@ def make_plots(task, results: dict, beta: float, folder: Path) -> list[Path]:
 
 def log_to_tracker(cfg: DictConfig, run_dir: Path, report: dict, rows: list[dict], plots: list[Path]) -> None:
     """metrics.jsonl in the run dir, and a W&B run (offline without an API key) when `logger` asks."""
-    from gf_odg.tracking import Tracker
+    from gf_odg.io.tracking import Tracker
 
     if not (cfg.logger.wandb and cfg.logger.mode != "disabled") and not cfg.logger.jsonl:
         return

@@ -23,8 +23,8 @@ load_dotenv(ROOT / ".env")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from gf_odg.checkpoints import write_folder_atomic  # noqa: E402
-from gf_odg.config import register_configs  # noqa: E402
+from gf_odg.io.checkpoints import write_folder_atomic  # noqa: E402
+from gf_odg.config.schema import register_configs  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
 
 register_configs()
@@ -33,7 +33,7 @@ register_configs()
 def prepare(cfg: DictConfig) -> Path:
     import os
 
-    from gf_odg.modelling import _hub_errors, base_model_path
+    from gf_odg.model.loading import _hub_errors, base_model_path
 
     path = base_model_path(cfg.model, cfg.paths)
     if Path(path).is_dir():

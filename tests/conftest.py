@@ -28,7 +28,7 @@ torch.set_num_threads(1)
 
 
 def compose_cfg(overrides: list[str] | None = None, tmp_path: Path | None = None):
-    from gf_odg.config import register_configs
+    from gf_odg.config.schema import register_configs
 
     register_configs()
     overrides = list(overrides or [])
@@ -56,7 +56,7 @@ TINY = ["model=tiny-random", "logger=none", "trainer.progress=false", "task.eval
 @pytest.fixture(scope="session")
 def tiny_policy():
     """(model, tokenizer) of the tiny random Llama with fresh LoRA, fp32 (shared: do not train it)."""
-    from gf_odg.modelling import load_policy
+    from gf_odg.model.loading import load_policy
 
     cfg = compose_cfg(["model=tiny-random"])
     with torch.random.fork_rng():  # the LoRA init must not depend on which tests this worker ran first

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import compose_cfg  # noqa: E402
-from gf_odg.trainer import Trainer  # noqa: E402
+from gf_odg.training.trainer import Trainer  # noqa: E402
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
         params = {name: p.detach().cpu().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
         params.update({f"log_z.{name}": p.detach().cpu().clone() for name, p in trainer.log_z.named_parameters()})
         torch.save({"params": params, "rank": trainer.dist.rank, "world_size": trainer.dist.world_size,
-                    "prompts_seen": trainer.step}, out / f"rank{trainer.dist.rank}.pt")
+                    "prompts_seen": trainer.global_step}, out / f"rank{trainer.dist.rank}.pt")
         code = 0
     finally:
         trainer.close(code)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from conftest import compose_cfg
-from gf_odg.evaluation import enumerate_terminals, exact_distribution
+from gf_odg.evaluation.core import enumerate_terminals, exact_distribution
 
 LETTERS = ["a", "b", "c"]
 COMPLETIONS = ["".join(p) for n in (1, 2, 3) for p in itertools.product(LETTERS, repeat=n)]

@@ -8,7 +8,7 @@ from omegaconf.errors import ConfigKeyError
 
 from conftest import CONFIGS, compose_cfg
 from gf_odg.errors import ConfigError
-from gf_odg.validation import validate
+from gf_odg.config.validation import validate
 
 GROUPS = ["model", "task", "objective", "exploration", "trainer", "logger", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from gf_odg.constraints import ConstraintSet
-from gf_odg.prompts import PromptBatch, render_prompt
-from gf_odg.sampling import decoder_and_head, head_logits, sample
-from gf_odg.scoring import score_completions
+from gf_odg.data.constraints import ConstraintSet
+from gf_odg.data.prompts import PromptBatch, render_prompt
+from gf_odg.generation.sampling import decoder_and_head, head_logits, sample
+from gf_odg.generation.scoring import score_completions
 
 
 def _prompts(tokenizer, texts):

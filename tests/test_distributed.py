@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run_train
-from gf_odg.tracking import read_offline_run
+from gf_odg.io.tracking import read_offline_run
 
 STEPS = ["trainer.max_steps=4", "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2"]
 
@@ -24,10 +24,10 @@ def _free_port() -> int:
 
 
 def _launch(args: list[str], tmp_path, timeout: int = 600, config: str = "ddp.yaml"):
-    """Two processes under `accelerate launch --config_file accelerate/<config>`, on a free port (test
+    """Two processes under `accelerate launch --config_file configs/accelerate/<config>`, on a free port (test
     workers run side by side: the default port 29500 would be taken by the first launch)."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate" / config),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
            "--num_processes", "2", "--main_process_port", str(_free_port()), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -67,7 +67,7 @@ def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
 def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     """Two processes keep identical LoRA and log Z. Stop a 2-process run at step 2, resume it to step 4: the same
     adapter, log Z and losses as 4 steps straight.
-    The same with accelerate/fsdp.yaml (decoder layers sharded by FSDP2, gloo): the same adapter and log Z as
+    The same with configs/accelerate/fsdp.yaml (decoder layers sharded by FSDP2, gloo): the same adapter and log Z as
     the data-parallel run, through a stop and a resume; a data-parallel checkpoint is not resumed under FSDP."""
     common = [*TINY, "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2", "logger=none",
               "exploration.replay.enabled=true", "exploration.replay.fraction=0.25", "seed=7",
@@ -161,5 +161,5 @@ def test_fsdp_refuses_a_4bit_model_clearly(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "2")
     d = Dist()
     d.world_size = 2  # as under a two-process launch; the check comes before any process-group call
-    with pytest.raises(ConfigError, match="accelerate/ddp.yaml"):
+    with pytest.raises(ConfigError, match="configs/accelerate/ddp.yaml"):
         d.shard(None, OmegaConf.create({"quantization": {"load_in_4bit": True}}))

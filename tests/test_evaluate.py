@@ -19,9 +19,9 @@ from omegaconf.errors import ConfigKeyError
 from conftest import CONFIGS, ROOT, compose_cfg
 from enumerable import enumerable_cfg, exact_tvs
 from gf_odg.errors import ConfigError, GFODGError
-from gf_odg.evaluation import (POLICY, Decoding, Samples, check_eval_config, draw_samples, evaluate, exact_metrics,
+from gf_odg.evaluation.core import (POLICY, Decoding, Samples, check_eval_config, draw_samples, evaluate, exact_metrics,
                                load_evaluated_policy, measure, mode_targets, register_eval_config, resolve_adapter)
-from gf_odg.tasks import build_task
+from gf_odg.data.tasks import build_task
 
 EVAL_KEYS = ("n_samples", "score_mean", "score_median", "score_max", "valid_fraction", "valid_percent",
              "constraints_satisfied_percent", "unique_fraction", "distinct_1", "distinct_2", "distinct_3",
@@ -33,7 +33,7 @@ TRAINER_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "
 
 
 def compose_eval(overrides: list[str]):
-    from gf_odg.config import register_configs
+    from gf_odg.config.schema import register_configs
 
     register_configs()
     register_eval_config()
@@ -54,7 +54,7 @@ def run_evaluate(args: list[str], tmp_path: Path, name: str = "run") -> subproce
 
 def make_adapter(dest: Path, *overrides: str) -> Path:
     """A LoRA adapter of the tiny model as training saves it, moved away from zero so it matters."""
-    from gf_odg.modelling import load_policy
+    from gf_odg.model.loading import load_policy
 
     cfg = compose_cfg(["model=tiny-random", *overrides])
     model, _, _ = load_policy(cfg.model, cfg.paths, torch.device("cpu"))
@@ -165,7 +165,7 @@ def test_trainer_evaluate_keeps_its_keys_and_skips_slow_diversity(tiny_policy, r
 def test_exact_metrics_use_each_prompts_own_target(tmp_path):
     """Two prompts with different target tables: the exact TV is each prompt's against its own."""
     from enumerable import PROMPTS
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     cfg = enumerable_cfg(tmp_path, "tb", prompts=PROMPTS, seeds=[0, 1], normalised=True)
     trainer = Trainer(cfg, tmp_path / "run")
@@ -266,7 +266,7 @@ def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
 
 
 def test_evaluate_script_on_the_base_model_logs_to_wandb(tmp_path):
-    from gf_odg.tracking import read_offline_run
+    from gf_odg.io.tracking import read_offline_run
 
     result = run_evaluate(["eval.adapter=null", "eval.samples_per_prompt=8", "eval.metrics=[score,validity,modes]",
                            "logger=wandb", "logger.mode=offline"], tmp_path)

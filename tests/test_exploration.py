@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from enumerable import enumerable_cfg, exact_tvs
-from gf_odg import exploration
-from gf_odg.trainer import Trainer
+from gf_odg.exploration import behaviour as exploration
+from gf_odg.training.trainer import Trainer
 from test_objectives import _train
 
 
@@ -45,8 +45,7 @@ def test_replay_share_and_buffer_are_logged(cfg_factory, tmp_path):
                       "task.constraints.allowed=null", "task.reward=gf_odg.rewards.sentiment.SentimentReward")
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
-    first = trainer.train_step(trainer.collect())
-    trainer.step += 1
+    first = trainer.step()
     second = trainer.train_step(trainer.collect())
     assert first["exploration/replay_fraction"] == 0.0  # the buffer starts empty
     assert second["exploration/replay_fraction"] == 0.5

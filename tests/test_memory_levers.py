@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg
-from gf_odg.constraints import ConstraintSet
-from gf_odg.modelling import load_policy
-from gf_odg.prompts import PromptBatch, render_prompt
-from gf_odg.sampling import decoder_and_head, sample
-from gf_odg.scoring import score_completions
-from gf_odg.trainer import Trainer
+from gf_odg.data.constraints import ConstraintSet
+from gf_odg.model.loading import load_policy
+from gf_odg.data.prompts import PromptBatch, render_prompt
+from gf_odg.generation.sampling import decoder_and_head, sample
+from gf_odg.generation.scoring import score_completions
+from gf_odg.training.trainer import Trainer
 
 PROMPTS = ["Hi", "Pick a random integer between 0 and 100, please, and answer with the number only.",
            "A medium length prompt here"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gf_odg.metrics import (
+from gf_odg.evaluation.metrics import (
     count_above,
     count_above_by_meaning,
     distinct_n,

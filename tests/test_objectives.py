@@ -14,7 +14,7 @@ import torch
 
 from enumerable import PROMPTS, enumerable_cfg, exact_tvs
 from gf_odg.objectives import RLOO, ModifiedSubTB, ObjectiveBatch, TrajectoryBalance, VarGrad
-from gf_odg.trainer import Trainer
+from gf_odg.training.trainer import Trainer
 
 INF = math.inf
 
@@ -75,9 +75,8 @@ def test_rloo_loss_by_hand():
 def _train(cfg, tmp_path) -> Trainer:
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
-    while trainer.step < cfg.trainer.max_steps:
-        trainer.train_step(trainer.collect())
-        trainer.step += 1
+    while trainer.global_step < cfg.trainer.max_steps:
+        trainer.step()
     return trainer
 
 

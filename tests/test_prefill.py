@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from gf_odg.constraints import ConstraintSet
-from gf_odg.modelling import load_policy
-from gf_odg.prompts import PromptBatch, render_prompt
-from gf_odg.sampling import sample
-from gf_odg.scoring import score_completions
+from gf_odg.data.constraints import ConstraintSet
+from gf_odg.model.loading import load_policy
+from gf_odg.data.prompts import PromptBatch, render_prompt
+from gf_odg.generation.sampling import sample
+from gf_odg.generation.scoring import score_completions
 
 PROMPTS = ["Hi", "Pick a random integer between 0 and 100, please, and answer with the number only.",
            "A medium length prompt here"]

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY, run_train
-from gf_odg.checkpoints import complete_checkpoints, find_resume
-from gf_odg.tracking import read_offline_run
+from gf_odg.io.checkpoints import complete_checkpoints, find_resume
+from gf_odg.io.tracking import read_offline_run
 
 RESUMABLE = ["model=tiny-random", "trainer.samples_per_prompt=8", "trainer.checkpoint_every=2", "seed=3",
              "task.evaluation.n_samples=16", "trainer.progress=false", "exploration.replay.enabled=true",
@@ -119,13 +119,12 @@ def test_planted_tokens_appear_nowhere(tmp_path):
 
 def test_non_finite_losses_skip_steps_then_stop_with_the_checkpoint_intact(cfg_factory, tmp_path, monkeypatch):
     from gf_odg.errors import GFODGError
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     cfg = cfg_factory(*TINY, "trainer.max_steps=10", "trainer.samples_per_prompt=4", "trainer.max_nonfinite_steps=3")
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
-    trainer.train_step(trainer.collect())
-    trainer.step += 1
+    trainer.step()
     saved = trainer.save_checkpoint()
     before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     real = trainer.objective
@@ -157,7 +156,7 @@ def test_a_bad_reward_is_a_clear_error_naming_it(tmp_path, body, needle):
 
 
 def test_the_same_seed_gives_the_same_metrics_step_for_step(cfg_factory, tmp_path):
-    from gf_odg.trainer import Trainer
+    from gf_odg.training.trainer import Trainer
 
     runs = []
     for name in ("one", "two"):
@@ -166,8 +165,7 @@ def test_the_same_seed_gives_the_same_metrics_step_for_step(cfg_factory, tmp_pat
         trainer.setup()
         rows = []
         for _ in range(3):
-            metrics = trainer.train_step(trainer.collect())
-            trainer.step += 1
+            metrics = trainer.step()
             rows.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
         runs.append(rows)
     assert runs[0] == runs[1]

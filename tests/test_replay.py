@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gf_odg.errors import ConfigError
-from gf_odg.replay import RANK_K, ReplayBuffer, _codes, _levenshtein, edit_distances
+from gf_odg.exploration.replay import RANK_K, ReplayBuffer, _codes, _levenshtein, edit_distances
 
 
 def tempered(beta):
@@ -248,7 +248,7 @@ def test_constructor_errors_name_the_key(kwargs, key):
 
 
 def test_from_config_maps_every_buffer_key():
-    from gf_odg.config import ReplayConfig
+    from gf_odg.config.schema import ReplayConfig
 
     cfg = ReplayConfig(enabled=True, capacity=7, scope="global", priority="rank", priority_temperature=2.0,
                        dedup="edit", dedup_threshold=0.2, min_log_reward=-3.0)

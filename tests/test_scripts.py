@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, run_train
-from gf_odg.tracking import read_offline_run
+from gf_odg.io.tracking import read_offline_run
 
 
 def test_a_two_by_two_multirun_gives_four_finished_runs(tmp_path):

@@ -11,8 +11,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import CONFIGS, ROOT, run_train
-from gf_odg.config import register_configs
-from gf_odg.tracking import read_offline_run
+from gf_odg.config.schema import register_configs
+from gf_odg.io.tracking import read_offline_run
 
 QUICK = ["model=tiny-random", "trainer.max_steps=1", "trainer.samples_per_prompt=4", "task.evaluation.n_samples=8",
          "task.evaluation.before_training=false", "trainer.progress=false", "trainer.threads=1"]
@@ -68,7 +68,7 @@ import gc, sys, weakref
 sys.path[:0] = [{str(ROOT / 'tests')!r}, {str(ROOT)!r}]
 from pathlib import Path
 from conftest import TINY, compose_cfg
-from gf_odg.trainer import Trainer
+from gf_odg.training.trainer import Trainer
 import train
 refs = []
 setup = Trainer.setup

@@ -14,13 +14,13 @@ import torch
 
 from conftest import TINY, run_train
 from gf_odg.errors import ConfigError
-from gf_odg.modelling import reference_mode
+from gf_odg.model.loading import reference_mode
 from gf_odg.rewards.combine import WeightedSum
 from gf_odg.rewards.lm_likelihood import FluencyGuard, LMLikelihoodReward
 from gf_odg.rewards.rng import RandomIntegerReward
-from gf_odg.tasks import build_task
-from gf_odg.trainer import Trainer
-from gf_odg.validation import validate
+from gf_odg.data.tasks import build_task
+from gf_odg.training.trainer import Trainer
+from gf_odg.config.validation import validate
 
 # Clean joins (each piece starts with a space or follows one), where tokenising the pieces apart and
 # the whole text at once give the same tokens: the direct computation below tokenises the whole text.

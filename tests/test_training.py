@@ -10,8 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY
-from gf_odg.tracking import read_offline_run
-from gf_odg.trainer import Trainer
+from gf_odg.io.tracking import read_offline_run
+from gf_odg.training.trainer import Trainer
 
 
 def _lora_vector(model) -> torch.Tensor:

@@ -11,7 +11,7 @@ violation (floored at `objective.log_reward_min`); NaN and `+inf` are errors.
 Optional: `score_prefixes(prompts, prefixes, **kwargs) -> [N, T]`, the score of every prefix y_<t
 terminated (prefixes[i][t] is the text of completion i's first t tokens), for modified SubTB.
 Optional: `bind(model, tokenizer)`, called once after the policy loads, for rewards that score with
-the base model (use `gf_odg.modelling.reference_mode(model)` to switch the adapters off). A reward may also expose `modes()` (the finite set of valid
+the base model (use `gf_odg.model.loading.reference_mode(model)` to switch the adapters off). A reward may also expose `modes()` (the finite set of valid
 completions, for exact evaluation) and `mode_of(completion)` (which mode a completion is, or None).
 """
 

@@ -16,7 +16,7 @@ Tokenisation. The template text before {completion} is the context, shared by ev
 prompt: it is tokenised alone (the tokenizer's own special tokens, e.g. a BOS, included; a start token
 if it is empty), with its trailing whitespace moved into the next piece, as BPE tokenisers attach a
 space to the word after it. It runs once per distinct context in the shared-prompt prefill of
-`gf_odg.scoring.score_completions`, the rest on top of its KV cache. The rest (completion, the
+`gf_odg.generation.scoring.score_completions`, the rest on top of its KV cache. The rest (completion, the
 template's text after it, continuation) is tokenised as one text, so the tokens at the join are the
 ones the LM would read in running text; the continuation's tokens are those after the longest common
 prefix with the tokenisation of the rest without it. A token straddling that join (rare: a completion
@@ -40,9 +40,9 @@ from typing import Optional, Sequence
 import torch
 
 from gf_odg.errors import ConfigError, RewardError
-from gf_odg.modelling import reference_mode, resolve_dtype
-from gf_odg.prompts import PromptBatch
-from gf_odg.scoring import score_completions
+from gf_odg.model.loading import reference_mode, resolve_dtype
+from gf_odg.data.prompts import PromptBatch
+from gf_odg.generation.scoring import score_completions
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -32,12 +32,12 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from gf_odg import metrics
+from gf_odg.evaluation import metrics
 from gf_odg.errors import ConfigError, GFODGError
-from gf_odg.prompts import PromptBatch, load_prompts
+from gf_odg.data.prompts import PromptBatch, load_prompts
 from gf_odg.rewards.base import call_reward
-from gf_odg.sampling import sample
-from gf_odg.scoring import score_completions
+from gf_odg.generation.sampling import sample
+from gf_odg.generation.scoring import score_completions
 
 # What `measure` can report, by name (`eval.metrics=[...]`); each name yields the keys listed.
 METRICS = {
@@ -115,7 +115,7 @@ class EvalConfig:
     batch_size: Optional[int] = None  # null: task.evaluation.batch_size
     baselines: list[str] = field(default_factory=list)  # temperature_<T>, nucleus_<p>, best_of_n, best_of_<n>
     best_of_n: int = 4
-    metrics: Optional[list[str]] = None  # null: every metric that applies (see gf_odg.evaluation.METRICS)
+    metrics: Optional[list[str]] = None  # null: every metric that applies (see gf_odg.evaluation.core.METRICS)
     threshold: Optional[float] = None  # score a completion must reach to count in n_above_threshold
     same_meaning: float = 0.9  # n_above_threshold_by_meaning: MiniLM cosine at which two completions count once
     beta: Optional[float] = None  # reward temperature of the target; null: the objective's final beta
@@ -149,11 +149,11 @@ def register_eval_config() -> None:
 
     It is stored under main's schema name, so that `main.yaml`'s own defaults list (which eval.yaml
     includes) picks it up and a mistyped `eval.*` key fails at compose time like any other.
-    Call it after `gf_odg.config.register_configs()`, which stores the plain training schema.
+    Call it after `gf_odg.config.schema.register_configs()`, which stores the plain training schema.
     """
     from hydra.core.config_store import ConfigStore
 
-    from gf_odg.config import MainConfig
+    from gf_odg.config.schema import MainConfig
 
     @dataclass
     class EvalRunConfig(MainConfig):
@@ -258,7 +258,7 @@ def _same_base(recorded: str, base_path: str) -> bool:
 def load_evaluated_policy(model_cfg, paths, device: torch.device, adapter_dir: Optional[Path]):
     """(model, tokenizer, base_path): the base model with the trained adapter, or with fresh LoRA
     (B = 0: exactly the base model, and `reference_mode` still works) when `adapter_dir` is None."""
-    from gf_odg.modelling import base_model_path, load_base_model, load_policy, load_tokenizer
+    from gf_odg.model.loading import base_model_path, load_base_model, load_policy, load_tokenizer
 
     if adapter_dir is None:
         model, tokenizer, base_path = load_policy(model_cfg, paths, device)

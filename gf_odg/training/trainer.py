@@ -1,4 +1,4 @@
-"""The training loop (DESIGN.md sec. 3), one phase a screen:
+"""The training loop (docs/design.md sec. 3), one phase a screen:
 
     prompts -> sampler (no grad, KV cache, constraint mask, exploration) -> trajectories
     trajectories -> reward -> score -> log R  (beta, lambda * log p_ref, floor)
@@ -23,19 +23,20 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from gf_odg import checkpoints, exploration
+from gf_odg.io import checkpoints
+from gf_odg.exploration import behaviour as exploration
 from gf_odg.distributed import Dist, merge_metrics
 from gf_odg.errors import CheckpointError, ConfigError, GFODGError
-from gf_odg.evaluation import evaluate
+from gf_odg.evaluation.core import evaluate
 from gf_odg.log_reward import beta_at, log_reward
-from gf_odg.modelling import load_policy, model_summary, reference_mode, resolve_device
+from gf_odg.model.loading import load_policy, model_summary, reference_mode, resolve_device
 from gf_odg.objectives import ObjectiveBatch, build_log_z, build_objective
-from gf_odg.prompts import PromptBatch
+from gf_odg.data.prompts import PromptBatch
 from gf_odg.rewards.base import call_reward
-from gf_odg.sampling import Trajectories, decoder_and_head, run_decoder, sample
-from gf_odg.scoring import score_completions
-from gf_odg.tasks import build_reward, build_task
-from gf_odg.tracking import Tracker
+from gf_odg.generation.sampling import Trajectories, decoder_and_head, run_decoder, sample
+from gf_odg.generation.scoring import score_completions
+from gf_odg.data.tasks import build_reward, build_task
+from gf_odg.io.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == self.dist.device.type:
             self.device = self.dist.device  # each process its own GPU (QLoRA: the whole model on it)
         self.stop_requested = False
-        self.step = 0
+        self.global_step = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.found: set[str] = set()  # distinct valid completions (finite score) sampled so far, stripped
@@ -185,7 +186,7 @@ class Trainer:
         indices = self._choose_prompts()
         prompts = self._prompt_batch(indices)
         k = tcfg.samples_per_prompt
-        n_replay = int(round(exploration.replay_fraction_at(cfg.exploration, self.step) * k))
+        n_replay = int(round(exploration.replay_fraction_at(cfg.exploration, self.global_step) * k))
         replayed = []  # (row, entry)
         if n_replay and self.replay is not None:
             for row, i in enumerate(indices):
@@ -196,7 +197,7 @@ class Trainer:
         n_fresh = [k - sum(1 for r, _ in replayed if r == row) for row in range(len(indices))]
         group = torch.tensor([row for row, m in enumerate(n_fresh) for _ in range(m)], dtype=torch.long)
         temps = exploration.behaviour_temperatures(cfg.exploration, len(group), self.behaviour_gen)
-        eps = exploration.epsilon_at(cfg.exploration, self.step)
+        eps = exploration.epsilon_at(cfg.exploration, self.global_step)
         traj = sample(self.model, self.tokenizer, prompts, group.to(self.device), self.task.constraints,
                       temperature=temps.to(self.device), epsilon=eps, generator=self.sample_gen,
                       share_prefill=tcfg.share_prompt_prefill)
@@ -214,8 +215,20 @@ class Trainer:
         return StepBatch(prompts, indices, traj, score, from_replay, timings,
                          temperature_mean=float(temps.mean()) if len(temps) else 1.0, epsilon=eps)
 
+    def step(self) -> dict:
+        """Advance training by one step: collect a batch, update the parameters, count the step.
+        The one way to advance training (benchmarks and tests use it too); the batch stays in
+        `self.last_batch`."""
+        t0 = time.perf_counter()
+        batch = self.collect()
+        metrics = self.train_step(batch)
+        self.global_step += 1
+        self.last_batch = batch
+        metrics["time/step"] = time.perf_counter() - t0
+        return metrics
+
     def _log_reward_fn(self):
-        beta = beta_at(self.cfg.objective, self.step)
+        beta = beta_at(self.cfg.objective, self.global_step)
         floor = self.cfg.objective.log_reward_min
         return lambda scores: log_reward(torch.as_tensor(scores, dtype=torch.float32), beta, floor)
 
@@ -224,7 +237,7 @@ class Trainer:
         traj = batch.traj
         dev = self.device
         group = traj.group.to(dev)
-        beta = beta_at(ocfg, self.step)
+        beta = beta_at(ocfg, self.global_step)
         t0 = time.perf_counter()
         needs_ref = ocfg.ref_weight != 0 or (ocfg.name == "rloo" and ocfg.kl_coef)
         log_ref = None
@@ -264,7 +277,7 @@ class Trainer:
         log_pf = lp.total().float()
         log_z = None
         if self.log_z is not None:
-            if ocfg.log_z_init is None and self.step == 0:
+            if ocfg.log_z_init is None and self.global_step == 0:
                 # log Z from the first batch: with long completions log P_F is around -100 and a
                 # log Z started at 0 would need a thousand steps at log_z_lr = 0.1 to get there.
                 self.log_z.initialise(self.dist.mean(float((log_r - log_pf.detach()).mean())))
@@ -298,7 +311,7 @@ class Trainer:
             self.nonfinite_total += 1
             if self.nonfinite_in_row >= cfg.trainer.max_nonfinite_steps:
                 raise GFODGError(
-                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step {self.step}); "
+                    f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient (step {self.global_step}); "
                     "stopping. The last good checkpoint is intact. Lower trainer.lr, raise "
                     "objective.log_reward_min, or check the reward.")
         t2 = time.perf_counter()
@@ -429,7 +442,7 @@ class Trainer:
     def _state(self, processes: Optional[list] = None) -> dict:
         own = processes[0] if processes else self._process_state()
         return {
-            "step": self.step,
+            "step": self.global_step,
             "log_z": self.log_z.state_dict() if self.log_z is not None else None,
             "optimizer": None if self.dist.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -450,7 +463,7 @@ class Trainer:
         path = None
         if self.dist.is_main:
             config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
-            path = checkpoints.save_checkpoint(Path(self.cfg.paths.checkpoints) / self.run_name, self.step,
+            path = checkpoints.save_checkpoint(Path(self.cfg.paths.checkpoints) / self.run_name, self.global_step,
                                                self.model, self._state(processes), config_yaml,
                                                self.cfg.trainer.keep_checkpoints, adapter_state)
             log.info("checkpoint: %s", path)
@@ -492,8 +505,8 @@ class Trainer:
                 f"{self.dist.world_size}. Resume it with --num_processes {saved_world}.")
         own = processes[self.dist.rank] if processes else {"rng": state["rng"], "replay": state.get("replay")}
         if (state["optimizer"] is None) != self.dist.sharded:
-            how = ("with FSDP sharding; resume it under --config_file accelerate/fsdp.yaml" if state["optimizer"] is None
-                   else "without FSDP sharding; resume it with accelerate/ddp.yaml or as a single process")
+            how = ("with FSDP sharding; resume it under --config_file configs/accelerate/fsdp.yaml" if state["optimizer"] is None
+                   else "without FSDP sharding; resume it with configs/accelerate/ddp.yaml or as a single process")
             raise CheckpointError(f"checkpoint {path} was written {how}, with {saved_world} process(es).")
         if self.dist.sharded:
             self.dist.load_local_optimizer_state(self.optimizer, own["optimizer"])
@@ -512,11 +525,11 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         if self.replay is not None and own.get("replay") is not None:
             self.replay.load_state_dict(own["replay"])
-        self.step = int(state["step"])
+        self.global_step = int(state["step"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.found = set(state.get("found") or [])
         self.wandb_id = state.get("wandb_id")
-        log.info("resumed from %s at step %d", path, self.step)
+        log.info("resumed from %s at step %d", path, self.global_step)
 
     # ----------------------------------------------------------------- the run
     def evaluate(self, tag: str) -> Optional[dict]:
@@ -532,38 +545,35 @@ class Trainer:
     def _evaluate(self, tag: str) -> dict:
         ecfg = self.cfg.task.evaluation
         result, rows = evaluate(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
-                                beta=beta_at(self.cfg.objective, self.step), seed=self.cfg.seed + 1000,
+                                beta=beta_at(self.cfg.objective, self.global_step), seed=self.cfg.seed + 1000,
                                 share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact)
         self.tracker.log({f"eval_{tag}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
-                         step=self.step)
-        self.tracker.log_samples(rows[:64], step=self.step, key=f"eval_{tag}/samples")
+                         step=self.global_step)
+        self.tracker.log_samples(rows[:64], step=self.global_step, key=f"eval_{tag}/samples")
         return result
 
     def train(self) -> dict:
         cfg = self.cfg
         before = None
-        if cfg.task.evaluation.before_training and self.step == 0:
+        if cfg.task.evaluation.before_training and self.global_step == 0:
             before = self.evaluate("before")
         show = cfg.trainer.progress and self.dist.is_main
-        with handle_signals(self), make_progress(show, cfg.trainer.max_steps, self.step) as progress:
-            while self.step < cfg.trainer.max_steps and not self.stop_requested:
-                t0 = time.perf_counter()
-                batch = self.collect()
-                metrics = self.train_step(batch)
-                self.step += 1
-                metrics["time/step"] = time.perf_counter() - t0
+        with handle_signals(self), make_progress(show, cfg.trainer.max_steps, self.global_step) as progress:
+            while self.global_step < cfg.trainer.max_steps and not self.stop_requested:
+                metrics = self.step()
+                batch = self.last_batch
                 if self.dist.enabled:
                     metrics = merge_metrics(self.dist.gather(metrics))
                     metrics["world_size"] = self.dist.world_size
                     self.stop_requested = self.dist.any_true(self.stop_requested)  # all stop at the same step
-                self.tracker.log(metrics, step=self.step)
-                if cfg.trainer.sample_table_every and self.step % cfg.trainer.sample_table_every == 0:
-                    rows = [{"step": self.step, "prompt": batch.prompts.texts[int(g)], "completion": t,
+                self.tracker.log(metrics, step=self.global_step)
+                if cfg.trainer.sample_table_every and self.global_step % cfg.trainer.sample_table_every == 0:
+                    rows = [{"step": self.global_step, "prompt": batch.prompts.texts[int(g)], "completion": t,
                              "score": float(s), "replayed": bool(r)}
                             for g, t, s, r in zip(batch.traj.group, batch.traj.texts, batch.score, batch.from_replay)]
                     rows = [row for part in self.dist.gather(rows) for row in part]
-                    self.tracker.log_samples(rows, step=self.step)
-                if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
+                    self.tracker.log_samples(rows, step=self.global_step)
+                if cfg.trainer.checkpoint_every and self.global_step % cfg.trainer.checkpoint_every == 0:
                     self.save_checkpoint()
                 progress.update(1)
                 shown = {"loss": f"{metrics['loss']:.3f}", "reward": f"{metrics['reward/mean']:.2f}",
@@ -571,19 +581,19 @@ class Trainer:
                 if "log_z" in metrics:
                     shown["log_z"] = f"{metrics['log_z']:.2f}"
                 progress.set_postfix(shown)
-        if not (cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0):
+        if not (cfg.trainer.checkpoint_every and self.global_step % cfg.trainer.checkpoint_every == 0):
             self.save_checkpoint()  # (a checkpoint of this step was just written otherwise)
         if self.stop_requested:
             log.warning("stopped by a signal at step %d; checkpoint saved. Continue with resume=auto run_name=%s",
-                        self.step, self.run_name)
-            return {"interrupted": True, "step": self.step}
+                        self.global_step, self.run_name)
+            return {"interrupted": True, "step": self.global_step}
         adapter_dir = Path(cfg.paths.adapted_models) / self.run_name
         adapter_state = self.dist.full_trainable_state(self.model)
         if self.dist.is_main:
             save_adapter(self.model, adapter_dir, adapter_state)
         self.dist.barrier()
         after = self.evaluate("after")
-        summary = {"before": before, "after": after, "steps": self.step, "adapter": str(adapter_dir)}
+        summary = {"before": before, "after": after, "steps": self.global_step, "adapter": str(adapter_dir)}
         if not self.dist.is_main:
             return summary
         self.tracker.summary({f"eval_after/{k}": v for k, v in after.items() if isinstance(v, (int, float))})
@@ -657,7 +667,7 @@ def build_optimizer(name: str, groups: list, device: torch.device):
 def build_replay(cfg):
     if not cfg.enabled:
         return None
-    from gf_odg.replay import ReplayBuffer
+    from gf_odg.exploration.replay import ReplayBuffer
 
     embed_fn = None
     if cfg.dedup == "embedding":

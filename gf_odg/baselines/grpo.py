@@ -2,7 +2,7 @@
 
 GRPO is set up to do the same work as our trainer, so that step times and trained policies compare:
 
-- the same PEFT-wrapped model object (`gf_odg.modelling.load_policy`: 4-bit NF4 where the model
+- the same PEFT-wrapped model object (`gf_odg.model.loading.load_policy`: 4-bit NF4 where the model
   config says so, the same LoRA r / alpha / target modules, the same 4-bit kernel);
 - the same prompts, rendered by our chat template into text: TRL tokenises a plain-text prompt as
   it is, and `prompt_texts` checks that this gives exactly our prompt tokens;

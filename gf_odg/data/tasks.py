@@ -9,9 +9,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gf_odg.constraints import ConstraintSet
+from gf_odg.data.constraints import ConstraintSet
 from gf_odg.errors import ConfigError, GFODGError
-from gf_odg.prompts import load_prompts, render_prompt
+from gf_odg.data.prompts import load_prompts, render_prompt
 
 
 def _reward_from_name(name: str, key: str):

@@ -19,8 +19,8 @@ import torch
 import transformers
 from packaging.version import Version
 
-from gf_odg.constraints import ConstraintSet
-from gf_odg.prompts import PromptBatch
+from gf_odg.data.constraints import ConstraintSet
+from gf_odg.data.prompts import PromptBatch
 
 
 @dataclass

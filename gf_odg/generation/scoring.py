@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from gf_odg.constraints import ConstraintSet
-from gf_odg.prompts import PromptBatch
-from gf_odg.sampling import decoder_and_head, head_logits, prefill, run_decoder
+from gf_odg.data.constraints import ConstraintSet
+from gf_odg.data.prompts import PromptBatch
+from gf_odg.generation.sampling import decoder_and_head, head_logits, prefill, run_decoder
 
 
 @dataclass

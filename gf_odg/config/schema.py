@@ -3,7 +3,7 @@
 `configs/main.yaml` puts `gf_odg_schema` first in its defaults list, so each group's YAML is merged
 into a typed node: a mistyped key (`trainer.max_stpes=3`) or a wrongly typed value fails at compose
 time with Hydra's message naming the key. Value checks that types cannot express (a positive
-learning rate, beta > 0, probabilities in [0, 1]) live in `gf_odg.validation` and run right after
+learning rate, beta > 0, probabilities in [0, 1]) live in `gf_odg.config.validation` and run right after
 composition, before any model is loaded.
 """
 
@@ -194,7 +194,7 @@ class MainConfig:
 
 
 def repo_root() -> str:
-    return str(Path(__file__).resolve().parents[1])
+    return str(Path(__file__).resolve().parents[2])
 
 
 def binomial_table(n: int, p: float) -> list[float]:
