@@ -119,7 +119,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def make_plots(task, results: dict, beta: float, folder: Path) -> list[Path]:
     """scores.png, modes.png (where the reward lists modes), reward_vs_diversity.png. A baseline
     that repeats the policy's decoding (temperature_1) repeats its samples and is not drawn twice."""
-    from gf_odg import plots
+    from gf_odg.evaluation import plots
     from gf_odg.evaluation.core import mode_of, mode_targets
 
     shown = {name: pair for number, (name, pair) in enumerate(results.items())
