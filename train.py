@@ -16,12 +16,9 @@ import os
 import sys
 from pathlib import Path
 
-from dotenv import load_dotenv
+from gf_odg.startup import format_table, prepare_environment, quiet_libraries
 
-load_dotenv(Path(__file__).resolve().parent / ".env")  # before anything reads the environment
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.getcwd() not in sys.path:  # a user's reward module (task.reward=my_rewards.MyReward) next to them
-    sys.path.insert(1, os.getcwd())
+prepare_environment()  # .env, tokenizer threads, the user's reward modules importable
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -35,20 +32,6 @@ register_configs()
 log = logging.getLogger("gf_odg")
 
 
-def quiet_libraries() -> None:
-    """Keep the console to our progress bar and table: library chatter goes to the log file only."""
-    import warnings
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for module in ("transformers", "peft", "torch.utils.checkpoint", "bitsandbytes"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
-
-
 def default_run_name(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     stamp = launch_time().strftime("%Y%m%d-%H%M%S")
@@ -56,26 +39,6 @@ def default_run_name(cfg: DictConfig) -> str:
     if hydra_cfg.mode.name == "MULTIRUN":
         name += f"-{hydra_cfg.job.num}"
     return name
-
-
-TABLE_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "n_modes", "kl_to_target",
-              "tv_to_target", "mode_entropy", "exact_kl", "exact_tv", "exact_valid_mass")
-
-
-def format_table(before: dict | None, after: dict) -> str:
-    """The headline metrics, before and after training (all of them are in eval.json)."""
-    keys = [k for k in TABLE_KEYS if isinstance(after.get(k), (int, float))]
-    lines = [f"{'metric':<20}{'before':>12}{'after':>12}"]
-    for key in keys:
-        b = before.get(key) if before else None
-        lines.append(f"{key:<20}{_fmt(b):>12}{_fmt(after[key]):>12}")
-    return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def release_memory() -> None:

@@ -24,12 +24,10 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dotenv import load_dotenv  # noqa: E402
+from gf_odg.startup import prepare_environment  # noqa: E402
 
-load_dotenv(ROOT / ".env")  # before anything reads the environment
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+prepare_environment()  # .env, tokenizer threads, the user's reward modules importable
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dotenv import load_dotenv  # noqa: E402
+from gf_odg.startup import prepare_environment  # noqa: E402
 
-load_dotenv(ROOT / ".env")
+prepare_environment()
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
