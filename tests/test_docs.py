@@ -276,25 +276,29 @@ def test_every_config_key_the_docs_name_exists(path):
     assert not missing, f"{_rel(path)} names keys the schema does not have: {missing}"
 
 
-def test_the_documented_reward_file_works(tmp_path, monkeypatch):
-    """docs/rewards.md's my_rewards.py builds and scores, by every name the docs pass to task.reward."""
+REWARD_PAGES = ["README.md", "docs/rewards.md"]
+
+
+@pytest.mark.parametrize("page", REWARD_PAGES)
+def test_the_documented_reward_file_works(page, tmp_path, monkeypatch):
+    """The page's my_rewards.py builds and scores, by every name the page passes to task.reward."""
     from gf_odg.data.tasks import build_reward
     from gf_odg.rewards.base import call_reward
 
-    text = (ROOT / "docs" / "rewards.md").read_text()
+    text = (ROOT / page).read_text()
     blocks = [body for lang, body in FENCE.findall(text) if lang.strip() == "python" and "class MyReward" in body]
-    assert len(blocks) == 1, "docs/rewards.md shows one my_rewards.py"
+    assert len(blocks) == 1, f"{page} shows one my_rewards.py"
     (tmp_path / "my_rewards.py").write_text(blocks[0])
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
-    names = set(re.findall(r"my_rewards\.(\w+)", " ".join(cmd for _, cmd in COMMANDS)))
-    assert {"MyReward", "short_answers"} <= names
-    completions = ["17", "42", "seven words make a sentence that is long"]
+    names = set(re.findall(r"my_rewards\.(\w+)", " ".join(cmd for where, cmd in COMMANDS if where == page)))
+    assert "MyReward" in names
     for name in sorted(names):
-        scores = call_reward(build_reward(f"my_rewards.{name}"), ["p"] * 3, completions)
+        scores = call_reward(build_reward(f"my_rewards.{name}"), ["p"] * 3, ["17", "42", "a sentence of some words"])
         assert scores.shape == (3,)
-    assert call_reward(build_reward("my_rewards.MyReward"), ["p"] * 2, ["17", "42"]).tolist() == pytest.approx(
-        [0.6931, 0.0], abs=1e-4)
+    # "twice as likely": a completion ending in 7 scores log 2 more than one that does not
+    scores = call_reward(build_reward("my_rewards.MyReward"), ["p"] * 2, ["17", "42"]).tolist()
+    assert scores[0] - scores[1] == pytest.approx(0.6931, abs=1e-3)
 
 
 def test_relative_links_point_at_files():
