@@ -301,12 +301,21 @@ def test_the_documented_reward_file_works(page, tmp_path, monkeypatch):
     assert scores[0] - scores[1] == pytest.approx(0.6931, abs=1e-3)
 
 
-def test_relative_links_point_at_files():
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", path.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_point_at_files_and_headings():
     broken = []
     for path in DOCS:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text()):
-            if "://" not in target and not (path.parent / target).exists():
-                broken.append(f"{_rel(path)} -> {target}")
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", path.read_text()):
+            if "://" in target:
+                continue
+            file = (path.parent / target) if target else path
+            if not file.exists() or (anchor and file.suffix == ".md" and anchor not in _anchors(file)):
+                broken.append(f"{_rel(path)} -> {target}#{anchor}")
     assert not broken, broken
 
 
