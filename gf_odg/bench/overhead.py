@@ -46,7 +46,7 @@ def run(ctx: Context) -> dict:
         ours_s = timed(ours, device, ctx.repeats)
         raw_s = timed(raw, device, ctx.repeats)
         trainer.close()
-    breakdown = {key: statistics.median(values) for key, values in parts.items()}
+    breakdown = {key: statistics.median(values[1:]) for key, values in parts.items()}  # [0]: the warm-up
     row = {"K": k, "ours_step_s": ours_s, "raw_step_s": raw_s, "overhead_ratio": ours_s / raw_s, **breakdown}
     print(f"  overhead K={k}: ours {ours_s:.3f}s, raw generate+forward/backward {raw_s:.3f}s, "
           f"ratio {row['overhead_ratio']:.2f}", flush=True)
