@@ -1,7 +1,8 @@
 """Benchmarks against baselines measured in the same run: a shim over `python -m gf_odg.bench`
 (gf_odg/bench/: one module per section). Every option: `uv run python scripts/benchmark.py --help`.
 
-    uv run python scripts/benchmark.py --model tiny-random --quick        # = python -m gf_odg.bench ... --model tiny-random --quick
+    uv run python scripts/benchmark.py --model tiny-random --quick
+    uv run python scripts/benchmark.py --sections trl_step --ks 16,32
 """
 
 import sys

@@ -27,7 +27,8 @@ def run(ctx: Context) -> dict:
     vocab, batch, width = (4096, 2, 8) if ctx.quick else (o.memory_vocab, o.memory_batch, o.memory_tokens)
     row = {"vocab": vocab, "batch": batch, "completion_tokens": width}
     for variant in VARIANTS:
-        cmd = [sys.executable, "-m", "gf_odg.bench.memory", variant, str(vocab), str(batch), str(width), str(ctx.device)]
+        sizes = [str(x) for x in (vocab, batch, width, ctx.device)]
+        cmd = [sys.executable, "-m", "gf_odg.bench.memory", variant, *sizes]
         result = subprocess.run(cmd, capture_output=True, text=True, env=child_env(1))
         if result.returncode != 0:
             raise RuntimeError(f"memory benchmark, {variant}: the child process failed:\n{result.stderr[-3000:]}")

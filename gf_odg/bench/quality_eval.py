@@ -16,7 +16,8 @@ CURVE_KEYS = ("score_mean", "valid_fraction", "n_above_threshold", "n_above_thre
 
 
 def save_samples(task, samples, samples_dir: Path | None, label: str) -> None:
-    """The evaluated completions (prompt, completion, score, mode) as <samples_dir>/<label>.jsonl, whole or not at all."""
+    """The evaluated completions (prompt, completion, score, mode) as <samples_dir>/<label>.jsonl,
+    whole or not at all."""
     if samples_dir is None:
         return
     from gf_odg.evaluation.core import sample_rows

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gf_odg.bench.common import Context, child_env, guarded
-from gf_odg.bench.quality import Settings, quality_row
+from gf_odg.bench.quality_train import Settings, quality_row
 from gf_odg.errors import GFODGError
 
 

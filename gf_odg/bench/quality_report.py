@@ -29,9 +29,11 @@ def quality_table(rows: list[dict]) -> list[str]:
     for r in rows:
         e = r["eval"]
         lines.append(f"| {r['task']} | {r['method']} | {r['steps']} | {r['K']} x {r['prompts_per_step']} | "
-                     f"{num(e.get('score_mean'))} | {num(e.get('valid_fraction'))} | {num(e.get('n_above_threshold'))} | "
+                     f"{num(e.get('score_mean'))} | {num(e.get('valid_fraction'))} | "
+                     f"{num(e.get('n_above_threshold'))} | "
                      f"{num(e.get(MEANING))} | {num(e.get('unique_fraction'))} | {num(e.get('semantic_diversity'))} | "
-                     f"{num(e.get('kl_to_target'))} | {num(e.get('exact_kl'))} | {num(r.get('train_valid_fraction'))} | "
+                     f"{num(e.get('kl_to_target'))} | {num(e.get('exact_kl'))} | "
+                     f"{num(r.get('train_valid_fraction'))} | "
                      f"{num(r.get('step_s'), '.2f')} |")
     unmasked = [r for r in rows if r.get("eval_unmasked")]
     if unmasked:

@@ -92,7 +92,8 @@ def discovery(rows: Iterable[dict], threshold: Optional[float], key: str = "stri
 def run_summary(run_dir: Path, threshold: Optional[float] = None, key: str = "strip",
                 milestones: Iterable[int] = (10, 25, 50)) -> dict:
     run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) if (run_dir / ".hydra" / "config.yaml").is_file() else {}
+    config_file = run_dir / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     trainer = cfg.get("trainer", {})
     out = {
         "run_dir": str(run_dir),
@@ -124,7 +125,6 @@ def run_summary(run_dir: Path, threshold: Optional[float] = None, key: str = "st
             block = result.get(tag) or {}
             out[tag] = {k: block.get(k) for k in ("valid_fraction", "distinct", "score_mean", "unique_fraction",
                                                   "kl_to_target", "tv_to_target", "n_samples") if k in block}
-        config_file = run_dir / ".hydra" / "config.yaml"
         if config_file.is_file():
             out["run_wall_s"] = eval_file.stat().st_mtime - config_file.stat().st_mtime
     complete = out["max_steps"] is not None and out["training"]["logged_steps"] >= out["max_steps"]
@@ -149,7 +149,8 @@ def _minutes(seconds) -> str:
 def markdown(summaries: list[dict]) -> str:
     milestones = " / ".join(str(m) for m in (summaries[0]["training"]["first_step_reaching"] if summaries else ()))
     head = ("| run | exploration | seed | steps | fresh samples valid (train) | distinct found in training | "
-            f"step reaching {milestones} | valid after (eval) | distinct after (eval) | KL to target after | wall time |")
+            f"step reaching {milestones} | valid after (eval) | distinct after (eval) | KL to target after | "
+            "wall time |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summaries:
         t = s["training"]
@@ -158,9 +159,11 @@ def markdown(summaries: list[dict]) -> str:
         if s.get("replay") and name != "replay":
             name += " + replay"
         after = s.get("after", {})
-        lines.append(f"| {Path(s['run_dir']).name} | {name} | {_fmt(s['seed'])} | {_fmt(s['max_steps'])} | {_fmt(t['high_fraction'])} "
+        lines.append(f"| {Path(s['run_dir']).name} | {name} | {_fmt(s['seed'])} | {_fmt(s['max_steps'])} | "
+                     f"{_fmt(t['high_fraction'])} "
                      f"({t['high_samples']}/{t['fresh_samples']}) | {t['distinct_high']} | {reach} | "
-                     f"{_fmt(after.get('valid_fraction'))} | {_fmt(after.get('distinct'))} | {_fmt(after.get('kl_to_target'), 2)} | "
+                     f"{_fmt(after.get('valid_fraction'))} | {_fmt(after.get('distinct'))} | "
+                     f"{_fmt(after.get('kl_to_target'), 2)} | "
                      f"{_minutes(s.get('run_wall_s'))} |")
     before = next((s["before"] for s in summaries if s.get("before")), None)
     if before:
@@ -168,7 +171,8 @@ def markdown(summaries: list[dict]) -> str:
                      f"distinct {_fmt(before.get('distinct'))} over {_fmt(before.get('n_samples'))} samples.")
     partial = [s["run_dir"] for s in summaries if not s["training_counts_complete"]]
     if partial:
-        lines.append(f"\nNot every step's batch was logged in {', '.join(partial)}: training counts cover the logged ones.")
+        lines.append(f"\nNot every step's batch was logged in {', '.join(partial)}: "
+                     "training counts cover the logged ones.")
     return "\n".join(lines)
 
 
