@@ -10,14 +10,19 @@ Writes benchmark.md, benchmark.json and benchmark*.png to --out (default outputs
 
 A section is a module named in SECTIONS (imported only when chosen). Its interface:
 
-    run(ctx: gf_odg.bench.common.Context) -> dict | list[dict]     required
-        Measure and return JSON-able figures; they go into benchmark.json as report[<name>].
-        ctx holds the model name, device, ks, repeats, threads, the --overrides for every model
-        (`ctx.overrides`), the output folder and every parsed flag (`ctx.options`). Print one progress
-        line per row with flush=True. Raise gf_odg.errors.GFODGError for a user's mistake.
+    run(ctx: gf_odg.bench.common.Context) -> dict | list[dict] | str     required
+        Measure and return JSON-able figures (or ready markdown); they go into benchmark.json as
+        report[<name>]. Report a figure as a ratio to a baseline measured in the same run.
+        ctx is frozen: model (a configs/model name), device (torch.device), ks (tuple of K), repeats,
+        threads, overrides (Hydra overrides for every model loaded: pass them to
+        gf_odg.bench.common.compose / load / our_trainer), out (the report folder), samples_dir,
+        quick (smallest sizes), options (the argparse Namespace: every flag, the section's own too).
+        Print one progress line per row with flush=True. Raise gf_odg.errors.GFODGError (one line,
+        exit status 2) for a user's mistake. Import heavy libraries inside run: every section module
+        present is imported to build --help.
     markdown(result) -> list[str]                                   optional
         The section's lines in benchmark.md; without it, gf_odg.bench.report.generic_markdown
-        renders the rows (a dict, or a list of dicts) as a table.
+        renders the rows (a dict, or a list of dicts) as a table, and a str as it is.
     plot(result, out: pathlib.Path, title: str) -> list[pathlib.Path]    optional
         Figures written into `out`.
     add_arguments(group: argparse._ArgumentGroup) -> None            optional

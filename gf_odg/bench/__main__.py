@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import shutil
 import sys
@@ -106,7 +107,7 @@ def run(args) -> None:
     if "quality" in names:  # a run that fails leaves its samples under this name, not as finished results
         samples = out / "quality_samples.partial"
         shutil.rmtree(samples, ignore_errors=True)
-        ctx = Context(**{**ctx.__dict__, "samples_dir": samples})
+        ctx = dataclasses.replace(ctx, samples_dir=samples)
     report = {"machine": machine(), "model": args.model, "date": datetime.now().isoformat(timespec="seconds"),
               "sections": names}
     print(f"benchmark on {report['machine']}", flush=True)

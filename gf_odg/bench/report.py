@@ -26,6 +26,8 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 def generic_markdown(result) -> list[str]:
     """A section without its own `markdown`: its rows (a dict, or a list of dicts) as one table."""
+    if isinstance(result, str):  # a section that writes its own markdown
+        return [result, ""]
     rows = [result] if isinstance(result, dict) else list(result or [])
     if not rows or not all(isinstance(r, dict) for r in rows):
         return [f"{json.dumps(jsonable(result))}", ""]
