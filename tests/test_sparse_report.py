@@ -1,15 +1,12 @@
-"""scripts/sparse_report.py on a fabricated run dir: no model, no W&B."""
+"""gf_odg.bench.sparse_report (scripts/sparse_report.py is its shim) on a fabricated run dir: no model, no W&B."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import sys
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import sparse_report  # noqa: E402
+from gf_odg.bench import sparse_report
 
 
 def _table(path, rows):
@@ -66,7 +63,20 @@ def test_threshold_exact_key_and_partial_logging(tmp_path):
 
 def test_cli_writes_json(tmp_path, capsys):
     run = fake_run(tmp_path)
-    assert sparse_report.main([str(run), "--json", str(tmp_path / "r.json")]) == 0
-    assert json.loads((tmp_path / "r.json").read_text())[0]["training"]["distinct_high"] == 3
-    assert "distinct found in training" in capsys.readouterr().out
+    assert sparse_report.main([str(run), "--json", str(tmp_path / "r.json"), "--milestones", "1,2"]) == 0
+    written = json.loads((tmp_path / "r.json").read_text())
+    expected = sparse_report.run_summary(run, milestones=(1, 2))
+    assert written == [json.loads(json.dumps(expected, default=str))]  # every figure, as run_summary gives it
+    out = capsys.readouterr().out
+    assert "| run | default | 1 | 3 | 0.833 (5/6) | 3 | 1 / 2 | 0.900 | 40 | - | 1 min 30 s |" in out, out
+    assert "Base model (the runs' `eval_before`): valid 0.050, distinct 3 over 512 samples." in out
+    assert "Not every step's batch" not in out
     assert sparse_report.main([str(tmp_path / "nope")]) == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_without_tables_counts_nothing(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    t = sparse_report.run_summary(run)["training"]
+    assert (t["fresh_samples"], t["high_samples"], t["distinct_high"]) == (0, 0, 0) and math.isnan(t["high_fraction"])
