@@ -19,15 +19,20 @@ from omegaconf.errors import ConfigKeyError
 from conftest import CONFIGS, ROOT, compose_cfg
 from enumerable import enumerable_cfg, exact_tvs
 from gf_odg.errors import ConfigError, GFODGError
-from gf_odg.evaluation.core import (POLICY, Decoding, Samples, check_eval_config, draw_samples, evaluate, exact_metrics,
-                               load_evaluated_policy, measure, mode_targets, register_eval_config, resolve_adapter)
+from gf_odg.evaluation.core import evaluate
+from gf_odg.evaluation.exact import exact_metrics
+from gf_odg.evaluation.loading import load_evaluated_policy, resolve_adapter
+from gf_odg.evaluation.measure import measure, mode_targets
+from gf_odg.evaluation.sampling import POLICY, Decoding, Samples, draw_samples
+from gf_odg.evaluation.settings import check_eval_config
 from gf_odg.data.tasks import build_task
 
 EVAL_KEYS = ("n_samples", "score_mean", "score_median", "score_max", "valid_fraction", "valid_percent",
              "constraints_satisfied_percent", "unique_fraction", "distinct_1", "distinct_2", "distinct_3",
              "self_bleu", "semantic_diversity", "n_above_threshold", "n_above_threshold_by_meaning", "distinct", "n_modes", "mode_coverage",
              "mode_entropy", "kl_to_target", "tv_to_target")
-EXACT_KEYS = ("exact_kl", "exact_tv", "exact_valid_mass")
+EXACT_KEYS = ("exact_kl", "exact_reverse_kl", "exact_tv", "exact_valid_mass", "exact_min_ratio", "exact_starved",
+              "exact_support")
 TRAINER_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "n_modes", "kl_to_target",
                 "tv_to_target", "mode_entropy", *EXACT_KEYS)
 
@@ -36,12 +41,8 @@ def compose_eval(overrides: list[str]):
     from gf_odg.config.schema import register_configs
 
     register_configs()
-    register_eval_config()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name="eval", overrides=overrides)
-    finally:
-        register_configs()  # later tests in this process compose the plain training schema
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
 
 
 def run_evaluate(args: list[str], tmp_path: Path, name: str = "run") -> subprocess.CompletedProcess:
@@ -170,10 +171,13 @@ def test_exact_metrics_use_each_prompts_own_target(tmp_path):
     cfg = enumerable_cfg(tmp_path, "tb", prompts=PROMPTS, seeds=[0, 1], normalised=True)
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
-    result = exact_metrics(trainer.model, trainer.tokenizer, trainer.task, mode_targets(trainer.task, 1.0))
+    result, distributions = exact_metrics(trainer.model, trainer.tokenizer, trainer.task, beta=1.0)
     trainer.close()
     assert result["exact_tv"] == pytest.approx(sum(exact_tvs(trainer)) / 2, abs=1e-5)
     assert result["exact_valid_mass"] == pytest.approx(1.0, abs=1e-4)
+    per_prompt = [row["exact_tv"] for row in result["exact_per_prompt"]]
+    assert per_prompt == pytest.approx(exact_tvs(trainer), abs=1e-5)
+    assert [d.prompt_index for d in distributions] == [0, 1]
 
 
 # ---------------------------------------------------------------- settings, adapters, bad input in-process
