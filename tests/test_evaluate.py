@@ -136,6 +136,24 @@ def test_diversity_metrics_are_within_each_prompt(rng_task):
     assert result["self_bleu"] == pytest.approx((1.0 + 0.0) / 2, abs=1e-6)
 
 
+def test_table_reward_modes_cover_every_prompts_table(tiny_policy):
+    """Per-prompt tables with different completions: each prompt's mode target is its own table."""
+    from gf_odg.rewards.table import TableReward
+
+    _, tokenizer = tiny_policy
+    cfg = compose_cfg(["model=tiny-random"])
+    cfg.task.prompts = ["first", "second"]
+    reward = TableReward(tables={"first": {"1": 0.0, "2": 0.0}, "second": {"3": 0.0, "4": math.log(3.0)}})
+    task = build_task(cfg.task, tokenizer, cfg.model.chat_template, cfg.paths.root, reward=reward)
+    targets = mode_targets(task, beta=1.0)
+    assert targets == {0: pytest.approx({"1": 0.5, "2": 0.5}), 1: pytest.approx({"3": 0.25, "4": 0.75})}
+    samples = _samples(task, ["1", "4", "4", "3"], prompt_indices=[0, 1, 1, 1])
+    samples.scores = torch.tensor(reward(["first", "second", "second", "second"], samples.texts))
+    result = measure(task, samples, ["modes"], targets=targets)
+    assert result["distinct"] == pytest.approx((1 + 2) / 2) and result["n_modes"] == pytest.approx(2.0)
+    assert result["tv_to_target"] == pytest.approx((0.5 + 0.5 * (abs(2 / 3 - 0.75) + abs(1 / 3 - 0.25))) / 2)
+
+
 # ---------------------------------------------------------------- decodings and exactness
 
 
@@ -193,6 +211,7 @@ def test_eval_config_is_typed_and_resolves_its_nulls():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
         compose_eval(["eval.adaptr=x"])
     assert "adaptr" in str(err.value)
+    assert compose_cfg([]).eval is None  # one schema: a training run carries no eval settings
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -205,6 +224,7 @@ def test_eval_config_is_typed_and_resolves_its_nulls():
     ("eval.metrics=[above_threshold]", "eval.threshold is null"),
     ("eval.metrics=[above_threshold_by_meaning]", "asks for above_threshold_by_meaning but eval.threshold is null"),
     ("eval.same_meaning=1.5", "eval.same_meaning=1.5: expected a cosine in (0, 1]"),
+    ("eval.exact_limit=0", "eval.exact_limit=0: expected >= 1"),
 ])
 def test_bad_eval_settings_are_named(override, expected):
     with pytest.raises(ConfigError) as err:
