@@ -283,10 +283,12 @@ def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
     for decoding in ("policy", "temperature_0.7", "nucleus_0.95", "best_of_n"):
         assert sum(r["decoding"] == decoding for r in rows) == n
     assert set(rows[0]) == {"prompt", "completion", "score", "mode", "decoding"}
-    for name in ("scores", "modes", "reward_vs_diversity"):
+    for name in ("scores", "modes", "reward_vs_diversity", "exact_distribution"):
         png = run / "plots" / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "policy" in result.stdout and "nucleus_0.95" in result.stdout  # the console table
+    assert "policy samples (16 drawn" in result.stdout  # and a few completions under it
+    assert policy["exact_per_prompt"][0]["exact_kl"] == policy["exact_kl"]  # one prompt: its figures are the mean
 
 
 def test_evaluate_script_on_the_base_model_logs_to_wandb(tmp_path):
