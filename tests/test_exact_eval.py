@@ -137,7 +137,8 @@ def test_save_evaluation_writes_every_sample_and_the_plots(tiny_policy, letters_
 
 
 def test_format_samples_shows_the_most_frequent_and_a_seeded_few():
-    rows = ([{"prompt": "p", "completion": "42", "score": -1.0}] * 5 + [{"prompt": "p", "completion": "7", "score": -2.0}] * 3
+    rows = ([{"prompt": "p", "completion": "42", "score": -1.0}] * 5
+            + [{"prompt": "p", "completion": "7", "score": -2.0}] * 3
             + [{"prompt": "p", "completion": f"x{i}", "score": None} for i in range(6)])
     block = format_samples(rows, k=2, seed=0)
     lines = block.splitlines()

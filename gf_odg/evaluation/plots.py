@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 DPI = 110
 
@@ -120,9 +122,11 @@ def exact_distribution(labels: Sequence[str], policy: Sequence[float], target: S
     xs = list(range(len(shown)))
     p, t = [policy[i] for i in shown], [target[i] for i in shown]
     starved = [q < starved_ratio * w for q, w in zip(p, t)]
-    ax.bar(xs, p, width=1.0, alpha=0.6, color=["tab:red" if s else "tab:blue" for s in starved],
-           label=f"policy (invalid mass {invalid_mass:.3g}; red: < {starved_ratio:g} of target, {sum(starved)})")
-    ax.step(xs, t, where="mid", color="black", linewidth=1.2, label="target")
+    ax.bar(xs, p, width=1.0, alpha=0.6, color=["tab:red" if s else "tab:blue" for s in starved])
+    ax.step(xs, t, where="mid", color="black", linewidth=1.2)
+    handles = [Patch(color="tab:blue", alpha=0.6, label=f"policy (invalid mass {invalid_mass:.3g})"),
+               Patch(color="tab:red", alpha=0.6, label=f"starved: < {starved_ratio:g} of its target ({sum(starved)})"),
+               Line2D([], [], color="black", linewidth=1.2, label="target")]
     positive = [w for w in t if w > 0]
     if positive and max(positive) / min(positive) > 1e3:
         ax.set_yscale("log")
@@ -133,5 +137,5 @@ def exact_distribution(labels: Sequence[str], policy: Sequence[float], target: S
     ax.set_xlabel("completion")
     ax.set_ylabel("probability")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     return _save(fig, path)

@@ -87,7 +87,8 @@ def check_eval_config(cfg) -> EvalSettings:
         chosen.discard("exact")
     exact_limit = cfg.task.evaluation.exact_limit if ecfg.exact_limit is None else ecfg.exact_limit
     if exact_limit < 1:
-        problems.append(f"eval.exact_limit={exact_limit}: expected >= 1 completions (null: task.evaluation.exact_limit)")
+        problems.append(f"eval.exact_limit={exact_limit}: expected >= 1 completions "
+                        "(null: task.evaluation.exact_limit)")
     beta = beta_at(cfg.objective, cfg.trainer.max_steps) if ecfg.beta is None else float(ecfg.beta)
     if not beta > 0:
         problems.append(f"eval.beta={beta}: expected > 0 (the reward temperature)")
