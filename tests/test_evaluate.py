@@ -170,6 +170,7 @@ def test_best_of_n_keeps_the_best_of_the_same_draws(tiny_policy, rng_task):
     assert bool(torch.isfinite(every.scores).any())  # the tiny model does write valid integers
 
 
+@pytest.mark.slow
 def test_trainer_evaluate_keeps_its_keys_and_skips_slow_diversity(tiny_policy, rng_task):
     model, tokenizer = tiny_policy
     result, rows = evaluate(model, tokenizer, rng_task, n_samples=24, batch_size=16, seed=1)
@@ -181,6 +182,7 @@ def test_trainer_evaluate_keeps_its_keys_and_skips_slow_diversity(tiny_policy, r
     assert all((r["score"] is None) == (r["mode"] is None) for r in rows)
 
 
+@pytest.mark.slow
 def test_exact_metrics_use_each_prompts_own_target(tmp_path):
     """Two prompts with different target tables: the exact TV is each prompt's against its own."""
     from enumerable import PROMPTS
@@ -258,6 +260,7 @@ def test_adapter_of_other_shapes_under_the_same_name_is_caught_on_loading(tmp_pa
 # ---------------------------------------------------------------- scripts/evaluate.py end to end
 
 
+@pytest.mark.slow
 def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
     n = 16
     result = run_evaluate([f"eval.adapter={checkpoint}", f"eval.samples_per_prompt={n}", "eval.batch_size=32",
@@ -291,6 +294,7 @@ def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
     assert policy["exact_per_prompt"][0]["exact_kl"] == policy["exact_kl"]  # one prompt: its figures are the mean
 
 
+@pytest.mark.slow
 def test_evaluate_script_on_the_base_model_logs_to_wandb(tmp_path):
     from gf_odg.io.tracking import read_offline_run
 
@@ -317,6 +321,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_evaluate_script_missing_adapter_fails_in_one_line(tmp_path):
     missing = tmp_path / "no-such-run"
     message = _one_line_error(run_evaluate([f"eval.adapter={missing}", "logger=none"], tmp_path))
@@ -324,12 +329,14 @@ def test_evaluate_script_missing_adapter_fails_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_script_bad_settings_fail_before_loading(tmp_path):
     message = _one_line_error(run_evaluate(["eval.samples_per_prompt=0", "eval.baselines=[greedy]",
                                             "eval.adapter=/nowhere", "logger=none"], tmp_path))
     assert "eval.samples_per_prompt=0" in message and "greedy" in message
 
 
+@pytest.mark.slow
 def test_evaluate_script_adapter_of_another_base_model_fails_in_one_line(tmp_path):
     adapter = make_adapter(tmp_path / "h32", "model.tiny.hidden_size=32", "model.name_or_path=tiny-random-h32")
     message = _one_line_error(run_evaluate([f"eval.adapter={adapter}", "logger=none"], tmp_path))

@@ -122,6 +122,7 @@ def test_figures_of_a_hand_made_distribution():
     assert starved["exact_tv"] == pytest.approx(0.5 * (2 * (0.45 - 1 / 3) + 1 / 3 + 0.1))
 
 
+@pytest.mark.slow  # matplotlib and four figures: ~9 s on a loaded 2-core machine
 def test_save_evaluation_writes_every_sample_and_the_plots(tiny_policy, letters_task, tmp_path):
     model, tokenizer = tiny_policy
     task = letters_task(letters_reward)

@@ -99,8 +99,9 @@ def evaluate_policy(model, tokenizer, task, n_samples: int = 512, batch_size: in
 
 def evaluate(model, tokenizer, task, n_samples: int = 512, batch_size: int = 128, beta: float = 1.0,
              seed: int = 0, share_prefill: bool = True, exact: bool = True, diversity: bool = False,
-             **exact_target) -> tuple[dict, list[dict]]:
-    """`evaluate_policy` as (metrics, sample rows); `exact_target`: log_reward_min, ref_weight, exact_limit."""
+             log_reward_min: float = LOG_REWARD_MIN, ref_weight: float = 0.0,
+             exact_limit: int = EXACT_LIMIT) -> tuple[dict, list[dict]]:
+    """`evaluate_policy` as (metrics, sample rows)."""
     evaluation = evaluate_policy(model, tokenizer, task, n_samples, batch_size, beta, seed, share_prefill, exact,
-                                 diversity, **exact_target)
+                                 diversity, log_reward_min, ref_weight, exact_limit)
     return evaluation.result, evaluation.rows
