@@ -8,24 +8,21 @@ with decoding baselines of the same model drawn in the same run.
     uv run python scripts/evaluate.py model=gemma-2b task=... eval.adapter=<run> eval.threshold=0.5 logger=none
 
 The config is the training one (configs/main.yaml: pass the same model=/task=/objective= overrides
-the adapter was trained with) plus `eval:` (configs/eval.yaml). Writes eval.json, samples.jsonl and
-plots/*.png to the run dir (outputs/eval/<date>/<time>/) and logs them to W&B as `logger` says.
+the adapter was trained with) plus `eval:` (configs/eval.yaml; schema gf_odg.config.schema.EvalConfig).
+Writes eval.json, samples.jsonl and plots/*.png (on an enumerable task, the policy's exact distribution
+against the target among them) to the run dir (outputs/eval/<date>/<time>/) and logs them to W&B as
+`logger` says.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import sys
-from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-from gf_odg.startup import prepare_environment  # noqa: E402
+from gf_odg.startup import prepare_environment, quiet_libraries
 
 prepare_environment()  # .env, tokenizer threads, the user's reward modules importable
 
@@ -35,25 +32,23 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from gf_odg.config.schema import register_configs  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
-from gf_odg.evaluation.core import register_eval_config  # noqa: E402
 from gf_odg.io.tracking import jsonable  # noqa: E402
 
-register_configs()
-register_eval_config()  # after register_configs: main's schema plus the `eval` node
+register_configs()  # main's schema, its `eval` node included
 log = logging.getLogger("gf_odg")
-
-# Reward-vs-diversity plot: the first of these that some decoding reports as a positive number.
-DIVERSITY_AXES = ("semantic_diversity", "distinct_2", "mode_entropy", "unique_fraction")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     import torch
 
-    from gf_odg.evaluation.core import (check_eval_config, evaluate_decodings, load_evaluated_policy, resolve_adapter,
-                                   sample_rows)
-    from gf_odg.model.loading import resolve_device
-    from gf_odg.data.tasks import build_reward, build_task
     from gf_odg.config.validation import validate
+    from gf_odg.data.tasks import build_reward, build_task
+    from gf_odg.evaluation.core import evaluate_decodings
+    from gf_odg.evaluation.loading import load_evaluated_policy, resolve_adapter
+    from gf_odg.evaluation.report import format_samples, make_plots, write_samples
+    from gf_odg.evaluation.sampling import sample_rows
+    from gf_odg.evaluation.settings import check_eval_config
+    from gf_odg.model.loading import resolve_device
 
     # Everything a user can mistype fails here, before a model loads.
     settings = check_eval_config(cfg)
@@ -74,15 +69,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = evaluate_decodings(model, tokenizer, task, order, settings.decodings, settings.metrics,
                                  settings.batch_size, settings.beta, settings.seed, cfg.trainer.share_prompt_prefill,
                                  settings.threshold, settings.self_bleu_max_texts, settings.progress,
-                                 settings.same_meaning)
+                                 settings.same_meaning, log_reward_min=cfg.objective.log_reward_min,
+                                 ref_weight=cfg.objective.ref_weight, exact_limit=settings.exact_limit)
 
-    rows = [row for _, samples in results.values() for row in sample_rows(task, samples)]
-    with (run_dir / "samples.jsonl").open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    plots = make_plots(task, results, settings.beta, run_dir / "plots") if settings.plots else []
-
+    rows_by_name = {name: sample_rows(task, samples) for name, (_, samples) in results.items()}
+    rows = [row for part in rows_by_name.values() for row in part]
+    write_samples(run_dir / "samples.jsonl", rows)
     policy_name = settings.decodings[0].name
+    plots = []
+    if settings.plots:
+        # a baseline that repeats the policy's decoding (temperature_1) repeats its samples: not drawn twice
+        shown = {name: (result, rows_by_name[name]) for number, (name, (result, samples)) in enumerate(results.items())
+                 if number == 0 or not samples.decoding.is_policy}
+        plots = make_plots(task, shown, run_dir / "plots", settings.beta, results[policy_name][1].exact)
     report = {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -109,36 +108,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     print(f"\nEvaluation of {report['adapter'] or 'the base model ' + base_path} on {task.name} "
           f"({settings.samples_per_prompt} samples x {len(task.records)} prompts per decoding):")
     print(format_table({name: result for name, (result, _) in results.items()}))
+    print("\n" + format_samples(rows_by_name[policy_name], title=f"{policy_name} samples"))
     print(f"\nrun dir: {run_dir}")
     log_to_tracker(cfg, run_dir, report, rows, plots)
     return report
-
-
-def make_plots(task, results: dict, beta: float, folder: Path) -> list[Path]:
-    """scores.png, modes.png (where the reward lists modes), reward_vs_diversity.png. A baseline
-    that repeats the policy's decoding (temperature_1) repeats its samples and is not drawn twice."""
-    from gf_odg.evaluation import plots
-    from gf_odg.evaluation.core import mode_of, mode_targets
-
-    shown = {name: pair for number, (name, pair) in enumerate(results.items())
-             if number == 0 or not pair[1].decoding.is_policy}
-    made = [plots.score_histogram({name: samples.scores.tolist() for name, (_, samples) in shown.items()},
-                                  folder / "scores.png", title=f"Scores on {task.name}")]
-    targets = mode_targets(task, beta)
-    if targets:
-        modes = list(next(iter(targets.values())))
-        pooled = {m: sum(t.get(m, 0.0) for t in targets.values()) / len(targets) for m in modes}  # [modes]
-        counts = {name: Counter(m for m in (mode_of(task, t) for t in samples.texts) if m is not None)
-                  for name, (_, samples) in shown.items()}
-        made.append(plots.mode_histogram(counts, pooled, folder / "modes.png",
-                                         title=f"Modes on {task.name} (valid samples) against the target"))
-    metrics_by_name = {name: result for name, (result, _) in shown.items()}
-    for axis in DIVERSITY_AXES:
-        values = [result.get(axis) for result in metrics_by_name.values()]
-        if any(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
-            made.append(plots.reward_vs_diversity(metrics_by_name, folder / "reward_vs_diversity.png", axis))
-            break
-    return made
 
 
 def log_to_tracker(cfg: DictConfig, run_dir: Path, report: dict, rows: list[dict], plots: list[Path]) -> None:
@@ -169,7 +142,8 @@ def log_to_tracker(cfg: DictConfig, run_dir: Path, report: dict, rows: list[dict
 
 def format_table(results: dict[str, dict]) -> str:
     names = list(results)
-    keys = [k for k in dict.fromkeys(k for r in results.values() for k in r) if k != "n_samples"]
+    keys = [k for k in dict.fromkeys(k for r in results.values() for k, v in r.items() if not isinstance(v, list))
+            if k != "n_samples"]  # per-prompt lists (exact_per_prompt) are eval.json's
     width = max(14, *(len(n) + 2 for n in names))
     lines = [f"{'metric':<32}" + "".join(f"{n:>{width}}" for n in names)]
     for key in keys:
@@ -185,8 +159,6 @@ def _fmt(value) -> str:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from train import quiet_libraries  # imported late: train.py registers the plain schema on import
-
     quiet_libraries()
     for chatty in ("sentence_transformers", "matplotlib"):  # model-loading and font-cache notices
         logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -19,15 +19,20 @@ from omegaconf.errors import ConfigKeyError
 from conftest import CONFIGS, ROOT, compose_cfg
 from enumerable import enumerable_cfg, exact_tvs
 from gf_odg.errors import ConfigError, GFODGError
-from gf_odg.evaluation.core import (POLICY, Decoding, Samples, check_eval_config, draw_samples, evaluate, exact_metrics,
-                               load_evaluated_policy, measure, mode_targets, register_eval_config, resolve_adapter)
+from gf_odg.evaluation.core import evaluate
+from gf_odg.evaluation.exact import exact_metrics
+from gf_odg.evaluation.loading import load_evaluated_policy, resolve_adapter
+from gf_odg.evaluation.measure import measure, mode_targets
+from gf_odg.evaluation.sampling import POLICY, Decoding, Samples, draw_samples
+from gf_odg.evaluation.settings import check_eval_config
 from gf_odg.data.tasks import build_task
 
 EVAL_KEYS = ("n_samples", "score_mean", "score_median", "score_max", "valid_fraction", "valid_percent",
              "constraints_satisfied_percent", "unique_fraction", "distinct_1", "distinct_2", "distinct_3",
              "self_bleu", "semantic_diversity", "n_above_threshold", "n_above_threshold_by_meaning", "distinct", "n_modes", "mode_coverage",
              "mode_entropy", "kl_to_target", "tv_to_target")
-EXACT_KEYS = ("exact_kl", "exact_tv", "exact_valid_mass")
+EXACT_KEYS = ("exact_kl", "exact_reverse_kl", "exact_tv", "exact_valid_mass", "exact_min_ratio", "exact_starved",
+              "exact_support")
 TRAINER_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "n_modes", "kl_to_target",
                 "tv_to_target", "mode_entropy", *EXACT_KEYS)
 
@@ -36,12 +41,8 @@ def compose_eval(overrides: list[str]):
     from gf_odg.config.schema import register_configs
 
     register_configs()
-    register_eval_config()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            return compose(config_name="eval", overrides=overrides)
-    finally:
-        register_configs()  # later tests in this process compose the plain training schema
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
 
 
 def run_evaluate(args: list[str], tmp_path: Path, name: str = "run") -> subprocess.CompletedProcess:
@@ -135,6 +136,24 @@ def test_diversity_metrics_are_within_each_prompt(rng_task):
     assert result["self_bleu"] == pytest.approx((1.0 + 0.0) / 2, abs=1e-6)
 
 
+def test_table_reward_modes_cover_every_prompts_table(tiny_policy):
+    """Per-prompt tables with different completions: each prompt's mode target is its own table."""
+    from gf_odg.rewards.table import TableReward
+
+    _, tokenizer = tiny_policy
+    cfg = compose_cfg(["model=tiny-random"])
+    cfg.task.prompts = ["first", "second"]
+    reward = TableReward(tables={"first": {"1": 0.0, "2": 0.0}, "second": {"3": 0.0, "4": math.log(3.0)}})
+    task = build_task(cfg.task, tokenizer, cfg.model.chat_template, cfg.paths.root, reward=reward)
+    targets = mode_targets(task, beta=1.0)
+    assert targets == {0: pytest.approx({"1": 0.5, "2": 0.5}), 1: pytest.approx({"3": 0.25, "4": 0.75})}
+    samples = _samples(task, ["1", "4", "4", "3"], prompt_indices=[0, 1, 1, 1])
+    samples.scores = torch.tensor(reward(["first", "second", "second", "second"], samples.texts))
+    result = measure(task, samples, ["modes"], targets=targets)
+    assert result["distinct"] == pytest.approx((1 + 2) / 2) and result["n_modes"] == pytest.approx(2.0)
+    assert result["tv_to_target"] == pytest.approx((0.5 + 0.5 * (abs(2 / 3 - 0.75) + abs(1 / 3 - 0.25))) / 2)
+
+
 # ---------------------------------------------------------------- decodings and exactness
 
 
@@ -151,6 +170,7 @@ def test_best_of_n_keeps_the_best_of_the_same_draws(tiny_policy, rng_task):
     assert bool(torch.isfinite(every.scores).any())  # the tiny model does write valid integers
 
 
+@pytest.mark.slow
 def test_trainer_evaluate_keeps_its_keys_and_skips_slow_diversity(tiny_policy, rng_task):
     model, tokenizer = tiny_policy
     result, rows = evaluate(model, tokenizer, rng_task, n_samples=24, batch_size=16, seed=1)
@@ -162,6 +182,7 @@ def test_trainer_evaluate_keeps_its_keys_and_skips_slow_diversity(tiny_policy, r
     assert all((r["score"] is None) == (r["mode"] is None) for r in rows)
 
 
+@pytest.mark.slow
 def test_exact_metrics_use_each_prompts_own_target(tmp_path):
     """Two prompts with different target tables: the exact TV is each prompt's against its own."""
     from enumerable import PROMPTS
@@ -170,10 +191,13 @@ def test_exact_metrics_use_each_prompts_own_target(tmp_path):
     cfg = enumerable_cfg(tmp_path, "tb", prompts=PROMPTS, seeds=[0, 1], normalised=True)
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
-    result = exact_metrics(trainer.model, trainer.tokenizer, trainer.task, mode_targets(trainer.task, 1.0))
+    result, distributions = exact_metrics(trainer.model, trainer.tokenizer, trainer.task, beta=1.0)
     trainer.close()
     assert result["exact_tv"] == pytest.approx(sum(exact_tvs(trainer)) / 2, abs=1e-5)
     assert result["exact_valid_mass"] == pytest.approx(1.0, abs=1e-4)
+    per_prompt = [row["exact_tv"] for row in result["exact_per_prompt"]]
+    assert per_prompt == pytest.approx(exact_tvs(trainer), abs=1e-5)
+    assert [d.prompt_index for d in distributions] == [0, 1]
 
 
 # ---------------------------------------------------------------- settings, adapters, bad input in-process
@@ -189,6 +213,7 @@ def test_eval_config_is_typed_and_resolves_its_nulls():
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
         compose_eval(["eval.adaptr=x"])
     assert "adaptr" in str(err.value)
+    assert compose_cfg([]).eval is None  # one schema: a training run carries no eval settings
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -201,6 +226,7 @@ def test_eval_config_is_typed_and_resolves_its_nulls():
     ("eval.metrics=[above_threshold]", "eval.threshold is null"),
     ("eval.metrics=[above_threshold_by_meaning]", "asks for above_threshold_by_meaning but eval.threshold is null"),
     ("eval.same_meaning=1.5", "eval.same_meaning=1.5: expected a cosine in (0, 1]"),
+    ("eval.exact_limit=0", "eval.exact_limit=0: expected >= 1"),
 ])
 def test_bad_eval_settings_are_named(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -234,6 +260,7 @@ def test_adapter_of_other_shapes_under_the_same_name_is_caught_on_loading(tmp_pa
 # ---------------------------------------------------------------- scripts/evaluate.py end to end
 
 
+@pytest.mark.slow
 def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
     n = 16
     result = run_evaluate([f"eval.adapter={checkpoint}", f"eval.samples_per_prompt={n}", "eval.batch_size=32",
@@ -259,12 +286,15 @@ def test_evaluate_script_with_adapter_and_baselines(checkpoint, tmp_path):
     for decoding in ("policy", "temperature_0.7", "nucleus_0.95", "best_of_n"):
         assert sum(r["decoding"] == decoding for r in rows) == n
     assert set(rows[0]) == {"prompt", "completion", "score", "mode", "decoding"}
-    for name in ("scores", "modes", "reward_vs_diversity"):
+    for name in ("scores", "modes", "reward_vs_diversity", "exact_distribution"):
         png = run / "plots" / f"{name}.png"
         assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "policy" in result.stdout and "nucleus_0.95" in result.stdout  # the console table
+    assert "policy samples (16 drawn" in result.stdout  # and a few completions under it
+    assert policy["exact_per_prompt"][0]["exact_kl"] == policy["exact_kl"]  # one prompt: its figures are the mean
 
 
+@pytest.mark.slow
 def test_evaluate_script_on_the_base_model_logs_to_wandb(tmp_path):
     from gf_odg.io.tracking import read_offline_run
 
@@ -291,6 +321,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_evaluate_script_missing_adapter_fails_in_one_line(tmp_path):
     missing = tmp_path / "no-such-run"
     message = _one_line_error(run_evaluate([f"eval.adapter={missing}", "logger=none"], tmp_path))
@@ -298,12 +329,14 @@ def test_evaluate_script_missing_adapter_fails_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_script_bad_settings_fail_before_loading(tmp_path):
     message = _one_line_error(run_evaluate(["eval.samples_per_prompt=0", "eval.baselines=[greedy]",
                                             "eval.adapter=/nowhere", "logger=none"], tmp_path))
     assert "eval.samples_per_prompt=0" in message and "greedy" in message
 
 
+@pytest.mark.slow
 def test_evaluate_script_adapter_of_another_base_model_fails_in_one_line(tmp_path):
     adapter = make_adapter(tmp_path / "h32", "model.tiny.hidden_size=32", "model.name_or_path=tiny-random-h32")
     message = _one_line_error(run_evaluate([f"eval.adapter={adapter}", "logger=none"], tmp_path))

@@ -47,8 +47,15 @@ def test_self_bleu_identical_is_one_and_disjoint_near_zero():
 
 
 def test_self_bleu_subsample_is_seeded():
-    texts = [f"text number {i} of many" for i in range(30)]
-    assert self_bleu(texts, max_texts=10, seed=3) == self_bleu(texts, max_texts=10, seed=3)
+    """Half the texts repeat one sentence, half are unrelated: a subsample's self-BLEU depends on how
+    many repeats it drew, so the seed must pick the subsample (and only the seed)."""
+    texts = ["the same sentence again and again"] * 15 + [f"{w} {w}{i} unrelated words {i}" for i, w in
+                                                          enumerate("abcdefghijklmno")]
+    seeded = {seed: self_bleu(texts, max_texts=10, seed=seed) for seed in range(8)}
+    assert self_bleu(texts, max_texts=10, seed=3) == seeded[3]  # the same seed, the same subsample
+    assert len(set(seeded.values())) > 1  # other seeds, other subsamples
+    assert self_bleu(texts, max_texts=30, seed=3) == self_bleu(texts, max_texts=30, seed=4)  # no subsample: all
+    assert min(seeded.values()) < self_bleu(texts, max_texts=30) < max(seeded.values())
 
 
 def test_semantic_diversity_with_fixed_vectors():

@@ -82,6 +82,7 @@ class EvaluationConfig:
     before_training: bool = True
     batch_size: int = 128
     exact: bool = True  # enumerate the exact distribution where the task is enumerable
+    exact_limit: int = 20000  # enumerate only when the mask admits at most this many completions
 
 
 @dataclass
@@ -179,6 +180,27 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`eval:` of configs/eval.yaml (scripts/evaluate.py); null in a training run."""
+
+    adapter: Optional[str] = None  # adapter folder, checkpoint step_* folder, or a run name; null: the base model
+    samples_per_prompt: Optional[int] = None  # null: task.evaluation.n_samples spread over the prompts
+    batch_size: Optional[int] = None  # null: task.evaluation.batch_size
+    baselines: list[str] = field(default_factory=list)  # temperature_<T>, nucleus_<p>, best_of_n, best_of_<n>
+    best_of_n: int = 4
+    metrics: Optional[list[str]] = None  # null: every metric that applies (gf_odg.evaluation.measure.METRICS)
+    threshold: Optional[float] = None  # score a completion must reach to count in n_above_threshold
+    same_meaning: float = 0.9  # n_above_threshold_by_meaning: MiniLM cosine at which two completions count once
+    beta: Optional[float] = None  # reward temperature of the target; null: the objective's final beta
+    seed: Optional[int] = None  # null: the top-level seed
+    exact: Optional[bool] = None  # null: task.evaluation.exact
+    exact_limit: Optional[int] = None  # null: task.evaluation.exact_limit
+    self_bleu_max_texts: int = 200  # self-BLEU is quadratic: a random subset per prompt (200 take ~1 s)
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
 class MainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,6 +213,7 @@ class MainConfig:
     run_name: Optional[str] = None  # null: <task>-<objective>-<date>-<time>[-<job>]
     resume: Optional[str] = None  # null | auto | <checkpoint path>
     optimize_metric: str = "eval_after/score_mean"  # what train.py returns to a sweeper (maximised)
+    eval: Optional[EvalConfig] = None  # scripts/evaluate.py's settings (configs/eval.yaml); unused by training
 
 
 def repo_root() -> str:

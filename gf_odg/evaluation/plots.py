@@ -1,5 +1,5 @@
-"""Evaluation plots as PNG files: score histograms, a mode histogram against the target, and
-reward against diversity across decodings (or policies).
+"""Evaluation plots as PNG files: score histograms, a mode histogram against the target, reward
+against diversity across decodings (or policies), and an exact distribution against its target.
 
 Pure functions of plain data (lists, dicts), one figure each, drawn with matplotlib's object API
 (`Figure`, Agg canvas): no pyplot state, no display needed, safe in a headless run.
@@ -12,14 +12,19 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 DPI = 110
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Whole or not at all: drawn to a temporary file beside `path`, then moved over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    tmp.replace(path)
     return path
 
 
@@ -95,4 +100,42 @@ def reward_vs_diversity(results: Mapping[str, Mapping[str, float]], path: Path, 
         ax.locator_params(axis="x", nbins=5)
         ax.grid(alpha=0.3)
     fig.suptitle(title or f"Reward against diversity ({x_key})")
+    return _save(fig, path)
+
+
+EXACT_MAX_SHOWN = 300  # completions on one axis; beyond, the ones the target weighs most
+
+
+def exact_distribution(labels: Sequence[str], policy: Sequence[float], target: Sequence[float], path: Path,
+                       invalid_mass: float = 0.0, starved_ratio: float = 0.5,
+                       title: str = "Exact distribution against the target") -> Path:
+    """The policy's exact probability of each completion of the support (bars) against the target
+    p*(y) (black step line), in the given order; a completion under `starved_ratio` of its target
+    mass is drawn red. A logarithmic axis where the target spans more than three orders of magnitude.
+    More than EXACT_MAX_SHOWN completions: the ones with the largest target mass, in the given order."""
+    shown = list(range(len(labels)))
+    if len(shown) > EXACT_MAX_SHOWN:
+        shown = sorted(sorted(shown, key=lambda i: -target[i])[:EXACT_MAX_SHOWN])
+        title += f" ({EXACT_MAX_SHOWN} of {len(labels)} completions)"
+    fig = Figure(figsize=(max(7, min(20, 0.12 * len(shown))), 4))
+    ax = fig.subplots()
+    xs = list(range(len(shown)))
+    p, t = [policy[i] for i in shown], [target[i] for i in shown]
+    starved = [q < starved_ratio * w for q, w in zip(p, t)]
+    ax.bar(xs, p, width=1.0, alpha=0.6, color=["tab:red" if s else "tab:blue" for s in starved])
+    ax.step(xs, t, where="mid", color="black", linewidth=1.2)
+    handles = [Patch(color="tab:blue", alpha=0.6, label=f"policy (invalid mass {invalid_mass:.3g})"),
+               Patch(color="tab:red", alpha=0.6, label=f"starved: < {starved_ratio:g} of its target ({sum(starved)})"),
+               Line2D([], [], color="black", linewidth=1.2, label="target")]
+    positive = [w for w in t if w > 0]
+    if positive and max(positive) / min(positive) > 1e3:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=min(positive) / 10)
+    step = max(1, len(shown) // 25)
+    ax.set_xticks(xs[::step])
+    ax.set_xticklabels([labels[i] for i in shown][::step], rotation=90, fontsize=7)
+    ax.set_xlabel("completion")
+    ax.set_ylabel("probability")
+    ax.set_title(title)
+    ax.legend(handles=handles, fontsize=8)
     return _save(fig, path)

@@ -3,7 +3,7 @@
     score(x, y) = tables[x][y]   (or table[y] when one table serves every prompt); -inf if absent.
 
 Prefixes are scored by the same lookup (a prefix terminated is the completion of that prefix), so
-modified SubTB can train on it, and `modes()` lists the completions for exact evaluation.
+modified SubTB can train on it, and `modes()` lists every prompt's completions for the mode figures.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ class TableReward:
             raise ConfigError("task.reward: give exactly one of `table` (all prompts) or `tables` (per prompt).")
         self.table = {str(k): float(v) for k, v in (table or {}).items()}
         self.tables = {str(p): {str(k): float(v) for k, v in t.items()} for p, t in (tables or {}).items()}
+        # every completion some prompt's table lists, in the order the tables list them
+        self.known = dict.fromkeys(self.table) if self.table else dict.fromkeys(
+            key for table in self.tables.values() for key in table)
 
     def _lookup(self, prompt: str, completion: str) -> float:
         table = self.tables.get(prompt, {}) if self.tables else self.table
@@ -41,9 +44,8 @@ class TableReward:
         return out
 
     def modes(self) -> list[str]:
-        keys = self.table.keys() if self.table else next(iter(self.tables.values())).keys()
-        return list(keys)
+        """Every prompt's completions (a prompt's target gives the others no mass: their score is -inf)."""
+        return list(self.known)
 
     def mode_of(self, completion: str) -> Optional[str]:
-        known = self.table if self.table else next(iter(self.tables.values()))
-        return completion if completion in known else None
+        return completion if completion in self.known else None

@@ -1,0 +1,199 @@
+"""Exact evaluation: where the constraint mask admits few enough completions, enumerate them all and
+compare the policy's distribution over them with the training target, for any reward.
+
+For each prompt x and every completion y the mask admits (tokens, EOS included):
+
+    P_F(y | x)     the policy at temperature 1 under the mask (what the sampler draws from)
+    log R(x, y)    = max(score(x, y) / beta + lambda * log p_ref(y | x), log_reward_min)
+                     (gf_odg.log_reward, exactly as training computes it)
+    p*(y | x)      = R(x, y) / Σ_y' R(x, y')
+
+The support is the completions with a finite score (a score of -inf is a hard violation; training
+floors it, so it keeps a mass of order exp(log_reward_min) in p*). Reported per prompt:
+
+    exact_kl          KL(P_F ‖ p*) over the support, both renormalised to it (the invalid mass is
+                      exact_valid_mass's and exact_tv's to report)
+    exact_reverse_kl  KL(p* ‖ P_F), the same renormalisation: large when the policy starves
+                      completions the target wants, which the forward KL barely sees
+    exact_tv          ½ Σ_y |P_F(y) − p*(y)| over every completion, invalid ones included
+    exact_valid_mass  Σ_{y in support} P_F(y)
+    exact_min_ratio   min over the support of P_F(y) / p*(y)
+    exact_starved     completions of the support with P_F(y) < ½ p*(y)
+    exact_support     completions with a finite score
+
+and over prompts: the mean of the first four, the minimum ratio, and the totals of the counts.
+Log-probabilities are kept in float64 throughout, so that a target tail near 1e-50 (a Binomial
+table) is neither lost to underflow on the target's side nor on the policy's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from gf_odg.config.schema import EvaluationConfig, ObjectiveConfig
+from gf_odg.data.prompts import PromptBatch
+from gf_odg.generation.scoring import score_completions
+from gf_odg.log_reward import log_reward
+from gf_odg.rewards.base import call_reward
+
+EXACT_LIMIT = EvaluationConfig.exact_limit
+LOG_REWARD_MIN = ObjectiveConfig.log_reward_min
+STARVED_RATIO = 0.5  # a completion holding less than this fraction of its target mass counts as starved
+
+
+def enumerate_terminals(constraints, limit: int = EXACT_LIMIT) -> Optional[list[list[int]]]:
+    """Every completion (tokens incl. EOS) the constraint mask admits, or None if more than `limit`."""
+    frontier, terminals = [[]], []
+    for t in range(constraints.max_new_tokens):
+        if not frontier:
+            break
+        prefix = torch.tensor(frontier, dtype=torch.long).reshape(len(frontier), t)
+        allowed = constraints.mask(prefix, t)
+        if int(allowed.sum()) + len(terminals) > limit:
+            return None
+        nxt = []
+        for row, tokens in zip(allowed, frontier):
+            for token in row.nonzero().flatten().tolist():
+                (terminals if token == constraints.eos_id else nxt).append(tokens + [token])
+        frontier = nxt
+    return terminals
+
+
+@torch.no_grad()
+def completion_log_probs(model, tokenizer, task, prompt_index: int, terminals: list[list[int]],
+                         share_prefill: bool = True, batch_size: int = 512) -> torch.Tensor:
+    """log P_F(y|x) under the constraint mask of every terminal completion: [len(terminals)] float64."""
+    device = next(model.parameters()).device
+    prompts = PromptBatch.build([task.prompt_tokens[prompt_index]], [task.prompts[prompt_index]],
+                                tokenizer.pad_token_id, device)
+    out = []
+    for start in range(0, len(terminals), batch_size):
+        chunk = terminals[start: start + batch_size]
+        width = max(len(t) for t in chunk)
+        tokens = torch.full((len(chunk), width), task.constraints.eos_id, dtype=torch.long, device=device)
+        for i, t in enumerate(chunk):
+            tokens[i, : len(t)] = torch.tensor(t)
+        lengths = torch.tensor([len(t) for t in chunk], device=device)
+        group = torch.zeros(len(chunk), dtype=torch.long, device=device)
+        lp = score_completions(model, prompts, group, tokens, lengths, task.constraints, task.constraints.eos_id,
+                               share_prefill=share_prefill)
+        out.append(lp.total().double().cpu())
+    return torch.cat(out)
+
+
+def exact_distribution(model, tokenizer, task, prompt_index: int, terminals: list[list[int]],
+                       share_prefill: bool = True, batch_size: int = 512) -> torch.Tensor:
+    """P_F(y|x) of every terminal completion: [len(terminals)] float64."""
+    return completion_log_probs(model, tokenizer, task, prompt_index, terminals, share_prefill, batch_size).exp()
+
+
+@dataclass
+class ExactDistribution:
+    """One prompt's policy and target over every completion the mask admits (enumeration order)."""
+
+    prompt_index: int
+    texts: list[str]  # [C] decoded as the sampler decodes
+    log_policy: torch.Tensor  # [C] float64 log P_F(y | x)
+    log_target: torch.Tensor  # [C] float64 log p*(y | x)
+    valid: torch.Tensor  # [C] bool: finite score (the support)
+
+    def figures(self) -> dict:
+        """This prompt's exact figures (the module docstring defines them)."""
+        p, t = self.log_policy.exp(), self.log_target.exp()
+        support = self.valid & (t > 0)
+        n_support = int(support.sum())
+        valid_mass = float(p[self.valid].sum())
+        result = {"exact_tv": 0.5 * float((p - t).abs().sum()), "exact_valid_mass": valid_mass,
+                  "exact_support": n_support, "exact_starved": int((p[support] < STARVED_RATIO * t[support]).sum())}
+        if n_support == 0:
+            return {**result, "exact_kl": math.nan, "exact_reverse_kl": math.nan, "exact_min_ratio": math.nan}
+        log_p = self.log_policy[support] - torch.logsumexp(self.log_policy[support], 0)  # renormalised to the support
+        log_t = self.log_target[support] - torch.logsumexp(self.log_target[support], 0)
+        result["exact_kl"] = _kl(log_p, log_t)
+        result["exact_reverse_kl"] = _kl(log_t, log_p)
+        result["exact_min_ratio"] = float((self.log_policy[support] - self.log_target[support]).min().exp())
+        return result
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Σ p (log p − log q) from log-probabilities; terms with p = 0 add nothing, q = 0 < p gives inf."""
+    p = log_p.exp()
+    if bool(((p > 0) & torch.isneginf(log_q)).any()):
+        return math.inf
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return max(0.0, float(terms.sum()))  # rounding can leave -1e-17 for identical distributions
+
+
+def exact_target(task, prompt_index: int, texts: list[str], beta: float, log_reward_min: float = LOG_REWARD_MIN,
+                 ref_weight: float = 0.0, log_ref: Optional[torch.Tensor] = None,
+                 batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p*(y | x) [C] float64, finite-score mask [C]) for one prompt's completions `texts`:
+    each scored by the task's reward, with prior and floor, as training scores its samples."""
+    scores = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        slots = [prompt_index] * len(chunk)
+        scores.append(call_reward(task.reward, [task.prompts[prompt_index]] * len(chunk), chunk,
+                                  **task.reward_kwargs(slots)))
+    score = torch.cat(scores).double()  # [C]
+    log_r = log_reward(score, beta, log_reward_min, ref_weight, log_ref)
+    return torch.log_softmax(log_r, dim=0), torch.isfinite(score)
+
+
+@torch.no_grad()
+def exact_distributions(model, tokenizer, task, beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN,
+                        ref_weight: float = 0.0, share_prefill: bool = True, limit: int = EXACT_LIMIT,
+                        prompt_indices: Optional[list[int]] = None) -> Optional[list[ExactDistribution]]:
+    """Each prompt's exact policy and target over every completion (every prompt of the task by
+    default); None when the mask admits more than `limit` completions."""
+    terminals = enumerate_terminals(task.constraints, limit)
+    if terminals is None or not terminals:
+        return None
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in terminals]
+    out = []
+    for p in (range(len(task.records)) if prompt_indices is None else prompt_indices):
+        log_policy = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill)
+        log_ref = None
+        if ref_weight:
+            from gf_odg.model.loading import reference_mode
+
+            with reference_mode(model):  # p_ref: the same network with its adapters off, as in training
+                log_ref = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill)
+        log_target, valid = exact_target(task, p, texts, beta, log_reward_min, ref_weight, log_ref)
+        out.append(ExactDistribution(p, texts, log_policy, log_target, valid))
+    return out
+
+
+def summarize(distributions: list[ExactDistribution]) -> dict:
+    """The figures over prompts: means of KL, reverse KL, TV and valid mass; the minimum ratio; the
+    totals of the counts; and each prompt's own under `exact_per_prompt`."""
+    per_prompt = [{"prompt": d.prompt_index, **d.figures()} for d in distributions]
+    if not per_prompt:
+        return {}
+
+    def finite_mean(key):
+        values = [row[key] for row in per_prompt if not math.isnan(row[key])]
+        return sum(values) / len(values) if values else math.nan
+
+    ratios = [row["exact_min_ratio"] for row in per_prompt if not math.isnan(row["exact_min_ratio"])]
+    result = {key: finite_mean(key) for key in ("exact_kl", "exact_reverse_kl", "exact_tv", "exact_valid_mass")}
+    result["exact_min_ratio"] = min(ratios) if ratios else math.nan
+    result["exact_starved"] = sum(row["exact_starved"] for row in per_prompt)
+    result["exact_support"] = sum(row["exact_support"] for row in per_prompt)
+    result["exact_per_prompt"] = per_prompt
+    return result
+
+
+def exact_metrics(model, tokenizer, task, beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN,
+                  ref_weight: float = 0.0, share_prefill: bool = True,
+                  limit: int = EXACT_LIMIT) -> tuple[dict, list[ExactDistribution]]:
+    """(figures, per-prompt distributions) of the policy at temperature 1 against the training
+    target; ({}, []) when the completion space is too large to enumerate."""
+    distributions = exact_distributions(model, tokenizer, task, beta, log_reward_min, ref_weight, share_prefill, limit)
+    if not distributions:
+        return {}, []
+    return summarize(distributions), distributions
