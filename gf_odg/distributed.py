@@ -19,7 +19,9 @@ contribute their metrics, replay buffers and RNG states (and, under FSDP, optimi
 Every collective waits at most GF_ODG_COLLECTIVE_TIMEOUT seconds (default 600) for the other
 processes; past that, a process that fell out of step or died stops the run with a `DistributedError`
 instead of a silent hang. It is an environment variable, not a config key, because the processes join
-their group before Hydra composes the config.
+their group before Hydra composes the config. `Dist.barrier` is the exception: it is where the other
+processes wait for rank 0 working alone (converting or downloading the base model, evaluating, writing
+a checkpoint), which can take longer, so it waits up to a day, in a process group of its own.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gf_odg.errors import ConfigError, DistributedError
 _ENV_STAMP = "GF_ODG_LAUNCH_TIME"
 TIMEOUT_ENV = "GF_ODG_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
+BARRIER_TIMEOUT_S = 24 * 3600.0
 _COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "gloo/transport")
 
 
@@ -117,7 +120,12 @@ class Dist:
             from accelerate import PartialState
 
             # cpu=True on a machine without CUDA: gloo process group (tests, CPU clusters).
-            state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=collective_timeout()))
+            timeout = collective_timeout()
+            state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout))
+            import torch.distributed as dist
+
+            # Every process makes a Dist at the same points (train.py, the Trainer), so they create this in step.
+            self._barrier_group = dist.new_group(timeout=timedelta(seconds=max(timeout, BARRIER_TIMEOUT_S)))
             self.rank = state.process_index
             self.local_rank = state.local_process_index
             self.world_size = state.num_processes
@@ -361,10 +369,12 @@ class Dist:
         return box[0]
 
     def barrier(self) -> None:
+        """Wait for every process, patiently (BARRIER_TIMEOUT_S): rank 0 may be working alone."""
         if self.enabled:
             import torch.distributed as dist
 
-            dist.barrier()
+            with collective_errors():
+                dist.barrier(group=self._barrier_group)
 
     def close(self) -> None:
         if self.enabled:
