@@ -6,7 +6,9 @@ prompts, scores and backpropagates its own samples, and then the gradients of th
 parameters are averaged across processes by one all-reduce before the optimiser step: what DDP
 does, done by hand because the sampler and scorer call the transformer body and the output
 projection directly (a `DistributedDataParallel` wrapper only hooks the outer `forward`). The
-parameters start equal (same seed) and stay equal (same averaged gradient, same optimiser).
+parameters start equal (rank 0's, sent to all by `broadcast_trainable`: equal seeds are not enough
+when rank 0 alone has drawn from the RNG converting the base model) and stay equal (same averaged
+gradient, same optimiser).
 
 Under an FSDP launch (configs/accelerate/fsdp.yaml) the decoder layers are sharded instead, by torch's
 FSDP2 `fully_shard` (`Dist.shard`): each process holds its shard of every layer's weights, FSDP
