@@ -6,7 +6,9 @@ prompts, scores and backpropagates its own samples, and then the gradients of th
 parameters are averaged across processes by one all-reduce before the optimiser step: what DDP
 does, done by hand because the sampler and scorer call the transformer body and the output
 projection directly (a `DistributedDataParallel` wrapper only hooks the outer `forward`). The
-parameters start equal (same seed) and stay equal (same averaged gradient, same optimiser).
+parameters start equal (rank 0's, sent to all by `broadcast_trainable`: equal seeds are not enough
+when rank 0 alone has drawn from the RNG converting the base model) and stay equal (same averaged
+gradient, same optimiser).
 
 Under an FSDP launch (configs/accelerate/fsdp.yaml) the decoder layers are sharded instead, by torch's
 FSDP2 `fully_shard` (`Dist.shard`): each process holds its shard of every layer's weights, FSDP
@@ -15,26 +17,71 @@ sharded layer gathers its weights from all processes.
 
 One process (rank 0) logs to W&B and writes checkpoints, adapters and eval.json; the others
 contribute their metrics, replay buffers and RNG states (and, under FSDP, optimizer shards) to it.
+
+Every collective waits at most GF_ODG_COLLECTIVE_TIMEOUT seconds (default 600) for the other
+processes; past that, a process that fell out of step or died stops the run with a `DistributedError`
+instead of a silent hang. It is an environment variable, not a config key, because the processes join
+their group before Hydra composes the config. `Dist.barrier` is the exception: it is where the other
+processes wait for rank 0 working alone (converting or downloading the base model, evaluating, writing
+a checkpoint), which can take longer, so it waits up to a day, in a process group of its own.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from datetime import datetime
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any, Optional
 
 import torch
 
-from gf_odg.errors import ConfigError
+from gf_odg.errors import ConfigError, DistributedError
 
 _ENV_STAMP = "GF_ODG_LAUNCH_TIME"
+TIMEOUT_ENV = "GF_ODG_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+BARRIER_TIMEOUT_S = 24 * 3600.0
+_COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "gloo/transport")
 
 
 def _env_flag(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
     return default if value is None else value.strip().lower() in ("1", "true", "yes")
+
+
+def collective_timeout() -> float:
+    """Seconds a collective waits for the other processes (GF_ODG_COLLECTIVE_TIMEOUT, default 600)."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds (how long a process waits "
+                          f"for the others at a collective); unset it for the default {DEFAULT_TIMEOUT_S:.0f}.")
+    return seconds
+
+
+@contextmanager
+def collective_errors():
+    """Turn a timed-out or broken collective into a `DistributedError` that says what happened and what to
+    do; any other exception passes through unchanged."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except RuntimeError as err:  # gloo reports a timeout as a plain RuntimeError, NCCL as a DistError
+        if not (isinstance(err, dist.DistError) or any(mark in str(err) for mark in _COLLECTIVE_FAILURES)):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"a collective operation between the training processes failed ({first[:200]}): the processes fell "
+            f"out of step (different numbers of collective calls) or one of them stopped or died. See the other "
+            f"processes' logs (train_rank*.log in the run dir) for the first error; if a process is only slow, "
+            f"raise {TIMEOUT_ENV} (now {collective_timeout():.0f} s).") from err
 
 
 def world_size_from_env() -> int:
@@ -75,7 +122,12 @@ class Dist:
             from accelerate import PartialState
 
             # cpu=True on a machine without CUDA: gloo process group (tests, CPU clusters).
-            state = PartialState(cpu=not torch.cuda.is_available())
+            timeout = collective_timeout()
+            state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=timeout))
+            import torch.distributed as dist
+
+            # Every process makes a Dist at the same points (train.py, the Trainer), so they create this in step.
+            self._barrier_group = dist.new_group(timeout=timedelta(seconds=max(timeout, BARRIER_TIMEOUT_S)))
             self.rank = state.process_index
             self.local_rank = state.local_process_index
             self.world_size = state.num_processes
@@ -126,6 +178,7 @@ class Dist:
             fully_shard(layer, mesh=self.mesh, reshard_after_forward=self.reshard_after_forward)
         self._layers = list(decoder.layers)
         model.gf_odg_all_true = self.all_true  # read by the sampler: stop when every process is done
+        model.gf_odg_max_int = self.max_int  # read by rewards that run the policy: as many forward calls everywhere
 
     @contextmanager
     def full_params(self, model):
@@ -138,15 +191,15 @@ class Dist:
         for layer in self._layers:
             layer.unshard()
             layer.set_reshard_after_forward(False)
-        agree = model.__dict__.pop("gf_odg_all_true", None)
+        lockstep = {name: model.__dict__.pop(name) for name in _LOCKSTEP_ATTRS if name in model.__dict__}
         try:
             yield
         finally:
             for layer in self._layers:
                 layer.reshard()
                 layer.set_reshard_after_forward(self.reshard_after_forward)
-            if agree is not None:
-                model.gf_odg_all_true = agree
+            for name, fn in lockstep.items():
+                setattr(model, name, fn)
 
     def full_trainable_state(self, model) -> Optional[dict]:
         """Under FSDP, every trainable parameter of the model gathered whole ({name: tensor}, all ranks
@@ -220,6 +273,30 @@ class Dist:
                                                                      run_check=False, shape=p.shape, stride=p.stride())
 
     # ------------------------------------------------------------- data parallel
+    def broadcast_trainable(self, *modules) -> None:
+        """Copy rank 0's values of every trainable parameter of `modules` (the LoRA policy, log Z) into
+        every process, in place (optimizers built on them stay valid).
+
+        Equal seeds do not guarantee equal initial weights: on a first run rank 0 alone converts the
+        base model, which draws from the global RNG before the LoRA weights are initialised. Call once,
+        after the trainable parameters are built and before FSDP shards them (`shard` cuts each
+        process's shard from its own whole tensor, so broadcasting first makes the shards rank 0's);
+        an already sharded parameter (a DTensor) is skipped: it is one tensor split across processes,
+        with no replicas to disagree. Frozen weights are not sent: every process loads them from disk."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        params = [p for m in modules if m is not None for p in m.parameters()
+                  if p.requires_grad and not isinstance(p, DTensor)]
+        with collective_errors(), torch.no_grad():
+            for p in params:
+                data = p.detach().to(self._group_device())
+                dist.broadcast(data, src=0)
+                if data.data_ptr() != p.data_ptr():  # on another device than the group's
+                    p.data.copy_(data)
+
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Replace each parameter's gradient by its mean over processes (a missing gradient counts as 0).
         Sharded (FSDP) parameters are skipped: FSDP has already averaged theirs."""
@@ -261,6 +338,16 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(int(t))
 
+    def max_int(self, value: int) -> int:
+        """The largest `value` over processes (e.g. how many forward calls each must make under FSDP)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self._group_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
     def any_true(self, flag: bool) -> bool:
         return not self.all_true(not flag)
 
@@ -284,10 +371,12 @@ class Dist:
         return box[0]
 
     def barrier(self) -> None:
+        """Wait for every process, patiently (BARRIER_TIMEOUT_S): rank 0 may be working alone."""
         if self.enabled:
             import torch.distributed as dist
 
-            dist.barrier()
+            with collective_errors():
+                dist.barrier(group=self._barrier_group)
 
     def close(self) -> None:
         if self.enabled:
@@ -295,6 +384,9 @@ class Dist:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+_LOCKSTEP_ATTRS = ("gf_odg_all_true", "gf_odg_max_int")  # set on a sharded model by Dist.shard
 
 
 def merge_metrics(per_rank: list[dict]) -> dict:

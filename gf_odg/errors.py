@@ -20,3 +20,7 @@ class RewardError(GFODGError):
 
 class CheckpointError(GFODGError):
     """A checkpoint is missing, incomplete, corrupt, or was made for another base model."""
+
+
+class DistributedError(GFODGError):
+    """The training processes fell out of step: a collective timed out or a peer stopped."""

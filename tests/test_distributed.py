@@ -1,12 +1,15 @@
-"""Two training processes (gloo on the CPU) under `accelerate launch`: data parallel over LoRA and log Z."""
+"""Two training processes (gloo on the CPU) under `accelerate launch`: data parallel over LoRA and log Z,
+and FSDP; every process starts from rank 0's trainable weights; a process out of step is an error, not a hang."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -23,13 +26,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(args: list[str], tmp_path, timeout: int = 600, config: str = "ddp.yaml"):
+def _launch(args: list[str], tmp_path, timeout: int = 600, config: str = "ddp.yaml", env: dict | None = None):
     """Two processes under `accelerate launch --config_file configs/accelerate/<config>`, on a free port (test
     workers run side by side: the default port 29500 would be taken by the first launch)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
            "--num_processes", "2", "--main_process_port", str(_free_port()), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own process group: on a timeout the training processes go too, not only the launcher (a hung process
+    # would otherwise keep spinning after the test).
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _fsdp_launch(args: list[str], tmp_path):
@@ -163,3 +176,145 @@ def test_fsdp_refuses_a_4bit_model_clearly(monkeypatch):
     d.world_size = 2  # as under a two-process launch; the check comes before any process-group call
     with pytest.raises(ConfigError, match="configs/accelerate/ddp.yaml"):
         d.shard(None, OmegaConf.create({"quantization": {"load_in_4bit": True}}))
+
+
+# Three prompts, one per process and step: the prompts each process has already seen (and cached the log Z
+# features of) soon differ, which put the FSDP processes' forward calls out of step (issue 17, item 4).
+THREE_PROMPTS = ('task.prompts=["Pick a random integer between 0 and 100.","Name a number from 0 to 100.",'
+                 '"Say any integer up to 100."]')
+
+
+def _log_z_at(checkpoints, run: str, step: int) -> dict:
+    state = torch.load(checkpoints / run / f"step_{step:06d}" / "state.pt", weights_only=True)
+    return state["log_z"]
+
+
+@pytest.mark.slow
+def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
+    """Processes seeded differently (seed=${oc.env:RANK}: as on a first run, where rank 0 alone converts the base
+    model and so draws from the RNG before the LoRA init) build different LoRA and log Z weights; after
+    Dist.broadcast_trainable they all hold rank 0's, bit for bit, at step 0 and after training. Then train.py:
+    the same adapter and log Z as the worker, which it gives only if the Trainer broadcasts too."""
+    common = [*TINY, "seed=${oc.env:RANK}", "objective.log_z=conditioned", "trainer.max_steps=2",
+              "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=2",
+              f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
+    worker = _launch([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "w"), *common, "run_name=w"], tmp_path,
+                     timeout=300)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "w" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    keys = list(r0["built"])
+    assert keys == list(r1["built"]) and any("lora_A" in k for k in keys) and any("log_z.net" in k for k in keys)
+    # As built, the processes disagree (else this test could not fail): the LoRA A matrices and log Z's MLP.
+    differ = [k for k in keys if not torch.equal(r0["built"][k], r1["built"][k])]
+    assert any("lora_A" in k for k in differ) and any(k.startswith("log_z.net") for k in differ), differ
+    for key in keys:
+        assert torch.equal(r0["start"][key], r0["built"][key]), key  # rank 0's own weights, untouched
+        assert torch.equal(r1["start"][key], r0["built"][key]), key  # rank 1 holds rank 0's, bit for bit
+        assert torch.equal(r0["params"][key], r1["params"][key]), key  # and both still agree after training
+    assert any(float(r0["params"][k].abs().max()) > 0 for k in keys if "lora_B" in k)  # training moved B
+
+    # train.py, as users launch it: the Trainer must broadcast as the worker did.
+    trained = _launch([str(ROOT / "train.py"), *common, "run_name=t", f"hydra.run.dir={tmp_path}/t"], tmp_path,
+                      timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "adapted" / "w" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapted" / "t" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key}: train.py's processes did not start from rank 0's weights"
+    za, zb = _log_z_at(tmp_path / "checkpoints", "w", 2), _log_z_at(tmp_path / "checkpoints", "t", 2)
+    for key in za:
+        assert torch.equal(za[key], zb[key]), key
+
+
+@pytest.mark.slow
+def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weights(tmp_path):
+    """Three prompts, one per process per step, 10 steps: under FSDP every process makes the same forward calls
+    (hung after step 1 before the fix), and ends with the data-parallel run's adapter and log Z."""
+    common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.max_steps=10", "trainer.prompts_per_step=1",
+              "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=10",
+              f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
+    quick = {"GF_ODG_COLLECTIVE_TIMEOUT": "120"}  # a process out of step fails within two minutes
+    results = {}
+    for config, run in (("ddp.yaml", "ddp"), ("fsdp.yaml", "fsdp")):
+        results[run] = _launch([*common, f"run_name={run}", f"hydra.run.dir={tmp_path}/{run}"], tmp_path,
+                               timeout=300, config=config, env=quick)
+        assert results[run].returncode == 0, results[run].stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "adapted" / "ddp" / "adapter_model.safetensors"))
+    c = load_file(str(tmp_path / "adapted" / "fsdp" / "adapter_model.safetensors"))
+    assert c.keys() == a.keys()
+    for key in a:
+        assert torch.allclose(c[key], a[key], atol=1e-6), key
+    za, zc = _log_z_at(tmp_path / "checkpoints", "ddp", 10), _log_z_at(tmp_path / "checkpoints", "fsdp", 10)
+    assert torch.allclose(za["value"], zc["value"], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_process_out_of_step_stops_the_run_with_a_clear_error(tmp_path):
+    """Rank 1 never reaches the all-reduce rank 0 waits at: rank 0 fails after GF_ODG_COLLECTIVE_TIMEOUT seconds with
+    a DistributedError naming the variable, instead of waiting forever."""
+    t0 = time.perf_counter()
+    result = _launch([str(ROOT / "tests" / "timeout_worker.py")], tmp_path, timeout=120,
+                     env={"GF_ODG_COLLECTIVE_TIMEOUT": "3"})
+    assert result.returncode != 0
+    assert "error: a collective operation between the training processes failed" in result.stderr
+    assert "GF_ODG_COLLECTIVE_TIMEOUT (now 3 s)" in result.stderr
+    assert time.perf_counter() - t0 < 100
+
+
+def test_collective_timeout_comes_from_the_environment(monkeypatch):
+    from gf_odg.distributed import DEFAULT_TIMEOUT_S, collective_timeout
+    from gf_odg.errors import ConfigError
+
+    monkeypatch.delenv("GF_ODG_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout() == DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("GF_ODG_COLLECTIVE_TIMEOUT", "42.5")
+    assert collective_timeout() == 42.5
+    for bad in ("ten", "0", "-5", "inf"):
+        monkeypatch.setenv("GF_ODG_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match="GF_ODG_COLLECTIVE_TIMEOUT=.*positive number of seconds"):
+            collective_timeout()
+
+
+def test_only_collective_failures_become_a_distributed_error():
+    from gf_odg.distributed import collective_errors
+    from gf_odg.errors import DistributedError
+
+    with pytest.raises(DistributedError, match="out of step"):
+        with collective_errors():
+            raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation")
+    with pytest.raises(RuntimeError, match="shape mismatch") as caught:
+        with collective_errors():
+            raise RuntimeError("shape mismatch")
+    assert not isinstance(caught.value, DistributedError)
+
+
+def test_lm_likelihood_makes_as_many_forward_calls_as_the_busiest_fsdp_process(tiny_policy):
+    """Under FSDP (`gf_odg_max_int` set on the policy by Dist.shard) a process with fewer chunks of distinct items
+    scores stand-in chunks, each with its prompt and completion pass, and its own scores are unchanged."""
+    from gf_odg.generation.sampling import decoder_and_head
+    from gf_odg.rewards.lm_likelihood import LMLikelihoodReward
+
+    model, tokenizer = tiny_policy
+    reward = LMLikelihoodReward(continuation=" The end.", batch_size=2)
+    reward.bind(model, tokenizer)
+    prompts, completions = ["Once upon a time"] * 3, [" a king.", " a dog.", " a cat."]  # 3 items: 2 chunks
+    decoder, _, _ = decoder_and_head(model)
+    calls = []
+    hook = decoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        alone = reward(prompts, completions)
+        alone_calls = len(calls)
+        calls.clear()
+        model.gf_odg_max_int = lambda n: n + 3  # the busiest process has 3 chunks more
+        padded = reward(prompts, completions)
+    finally:
+        hook.remove()
+        model.__dict__.pop("gf_odg_max_int", None)
+    assert alone_calls == 2 * 2  # two chunks, each a prompt pass and a completion pass
+    assert len(calls) == 2 * (2 + 3)
+    assert padded == alone

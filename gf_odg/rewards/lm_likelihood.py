@@ -132,29 +132,43 @@ class _LanguageModelReward:
 
     @torch.no_grad()
     def _logprobs(self, items: list[tuple[tuple[int, ...], list[int]]]) -> list[torch.Tensor]:
-        """log p_LM of every token of each (context ids, ids) pair: one [len(ids)] tensor per distinct pair."""
+        """log p_LM of every token of each (context ids, ids) pair: one [len(ids)] tensor per distinct pair.
+
+        Under FSDP (the policy's layers sharded, `gf_odg_max_int` set on it by `Dist.shard`) every forward
+        call gathers each layer from all processes, so every process makes as many as the busiest one: a
+        process with fewer chunks of distinct items scores stand-in chunks, and every chunk is at least two
+        tokens wide, so that `score_completions` runs its prompt pass and its completion pass everywhere."""
         model, tokenizer, adapters = self._language_model()
         device = next(model.parameters()).device
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         order = sorted(range(len(items)), key=lambda i: (items[i][0], len(items[i][1])))
         out: list[torch.Tensor] = [None] * len(items)  # type: ignore[list-item]
+        n_chunks = -(-len(order) // self.batch_size)
+        lockstep = getattr(model, "gf_odg_max_int", None)  # only on a sharded policy
+        if lockstep is not None:
+            n_chunks = lockstep(n_chunks)
         with reference_mode(model) if adapters else contextlib.nullcontext():
-            for first in range(0, len(order), self.batch_size):
+            for first in range(0, n_chunks * self.batch_size, self.batch_size):
                 chunk = order[first: first + self.batch_size]
-                contexts = list(dict.fromkeys(items[i][0] for i in chunk))
-                row = {c: j for j, c in enumerate(contexts)}
-                prompts = PromptBatch.build([list(c) for c in contexts], [""] * len(contexts), pad, device)
-                group = torch.tensor([row[items[i][0]] for i in chunk], device=device)  # [n]
-                lengths = torch.tensor([len(items[i][1]) for i in chunk], device=device)  # [n]
-                tokens = torch.full((len(chunk), max(1, int(lengths.max()))), eos, dtype=torch.long)  # [n, T]
-                for j, i in enumerate(chunk):
-                    tokens[j, : len(items[i][1])] = torch.tensor(items[i][1], dtype=torch.long)
-                token = score_completions(model, prompts, group, tokens.to(device), lengths, None, eos).token
-                token = token.float().cpu()  # [n, T], 0 past each length
+                pairs = [items[i] for i in chunk] or [((pad,), [eos])]  # a stand-in, its result dropped
+                token = self._score_chunk(model, pairs, eos, pad, device, min_width=1 if lockstep is None else 2)
                 for j, i in enumerate(chunk):
                     out[i] = token[j, : len(items[i][1])]
         return out
+
+    @staticmethod
+    def _score_chunk(model, pairs: list, eos: int, pad: int, device, min_width: int) -> torch.Tensor:
+        """log p_LM of each pair's tokens, one row per pair: [n, T] on the CPU, 0 past each length."""
+        contexts = list(dict.fromkeys(c for c, _ in pairs))
+        row = {c: j for j, c in enumerate(contexts)}
+        prompts = PromptBatch.build([list(c) for c in contexts], [""] * len(contexts), pad, device)
+        group = torch.tensor([row[c] for c, _ in pairs], device=device)  # [n]
+        lengths = torch.tensor([len(ids) for _, ids in pairs], device=device)  # [n]
+        tokens = torch.full((len(pairs), max(min_width, int(lengths.max()))), eos, dtype=torch.long)  # [n, T]
+        for j, (_, ids) in enumerate(pairs):
+            tokens[j, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return score_completions(model, prompts, group, tokens.to(device), lengths, None, eos).token.float().cpu()
 
     def _score_all(self, keys: list, items: dict) -> dict:
         """Score each distinct key's (context ids, ids) once: {key: log-probs}."""
