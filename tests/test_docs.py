@@ -139,10 +139,13 @@ def check_hydra_app(config_name: str, args: list[str]) -> None:
 
 
 def _sources(files: list[Path]) -> str:
-    """The text of a script or package; scripts/benchmark.py may delegate to the gf_odg.bench package."""
-    if any(f.name == "benchmark.py" for f in files):
-        files = files + sorted((ROOT / "gf_odg" / "bench").glob("*.py"))
-    return "\n".join(f.read_text() for f in files)
+    """The text of a script or package, and of the package a shim script takes its `main` from
+    (`from gf_odg.bench.__main__ import main`: every module of gf_odg/bench/, where sections add flags)."""
+    texts = [f.read_text() for f in files]
+    for module in re.findall(r"^from (gf_odg[\w.]*) import main\b", "\n".join(texts), re.M):
+        package = (ROOT / module.replace(".", "/")).with_suffix(".py").parent
+        texts += [f.read_text() for f in sorted(package.glob("*.py")) if f not in files]
+    return "\n".join(texts)
 
 
 def check_argparse_flags(what: str, source: str, args: list[str]) -> None:
