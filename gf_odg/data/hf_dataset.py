@@ -33,7 +33,7 @@ def load_dataset_records(spec: Any, root: Optional[str] = None, key: str = "task
     unknown = set(spec) - set(KEYS)
     if unknown:
         raise ConfigError(f"{key} has unknown key(s) {sorted(unknown)}; expected {', '.join(KEYS)}.")
-    if not spec.get("path"):
+    if not spec.get("path") or spec.get("path") == "???":
         raise ConfigError(f"{key}.path is empty; give a hub dataset id or a local file or folder.")
     dataset = _load(spec, root, key)
     column = spec.get("prompt_column") or "prompt"

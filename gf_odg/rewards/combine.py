@@ -6,7 +6,8 @@ A term that returns None for a sample does not apply to it and drops out of the 
 when no counted term applies, the sample is "not applicable" and `call_reward` floors it (see `base`).
 A hard violation stays one whatever its weight; a term with weight 0 is computed and logged but
 does not count. After each call, `last_terms[name]` holds that term's raw scores ([N] tensor, -inf
-included, NaN where it did not apply) so that the trainer can log `rewards/<name>/mean` and `/std`.
+included, and -inf where it did not apply) so that the trainer can log `rewards/<name>/mean` and
+`/std` (of the finite scores).
 `bind(model, tokenizer)` reaches every term that has it; `score_prefixes` exists (same formula, per
 prefix) when every term with w_i ≠ 0 has one.
 
@@ -115,13 +116,13 @@ class WeightedSum:
                 scores, applies = score_reward(reward, prompts, completions, completion_ids, context, columns)  # [N]
             except RewardError as err:
                 raise RewardError(f"term {name!r} of the weighted sum: {err}") from err
-            self.last_terms[name] = scores
+            self.last_terms[name] = scores.masked_fill(~applies, -math.inf)  # logs average the finite ones
             weight = self.weights[name]
             if weight != 0.0:
                 hard = applies & torch.isneginf(scores)
                 violated |= hard
                 counted_applies |= applies
-                total += weight * scores.masked_fill(hard | ~applies, 0.0)
+                total += weight * scores.masked_fill(hard | ~applies, 0.0)  # None: out of the sum (nan-sum)
         if all(w == 0.0 for w in self.weights.values()):
             counted_applies[:] = True  # nothing counts: every sample scores 0
         return total.masked_fill(violated, -math.inf), counted_applies
