@@ -421,3 +421,63 @@ def test_push_to_hub_dry_run_and_one_line_errors(tmp_path):
         result = run(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- docs/trl.md, as written
+
+DOC = ROOT / "docs" / "trl.md"
+# The page's commands train the embedded model for 60 steps; here the same commands run on the tiny model.
+SMALL = {"model": "tiny-random", "logger": "none", "trainer.progress": "false", "trainer.max_steps": "2",
+         "trainer.samples_per_prompt": "4", "task.evaluation.n_samples": "6", "task.max_new_tokens": "6"}
+
+
+def doc_files_and_commands():
+    text = DOC.read_text()
+    files = dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", text, re.S))
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()
+                if line.strip()]
+    return files, commands
+
+
+def test_doc_page_shows_files_and_commands():
+    files, commands = doc_files_and_commands()
+    assert set(files) == {"my_rewards.py", "my_prompts.jsonl"}
+    assert [c.split()[3] for c in commands] == ["train.py", "scripts/push_to_hub.py", "train.py"]
+    assert all(c.startswith("uv run python ") for c in commands)
+
+
+@pytest.mark.slow
+def test_doc_commands_train_a_trl_users_rewards_and_dataset(tmp_path, tiny_classifier):
+    import shlex
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    files, commands = doc_files_and_commands()
+    project = tmp_path / "project"
+    project.mkdir()
+    for name, content in files.items():
+        (project / name).write_text(content)
+    shutil.copytree(tiny_classifier[0], project / "my-reward-model")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    adapter = None
+    for number, command in enumerate(commands):
+        args = shlex.split(command)[4:]
+        if shlex.split(command)[3] == "train.py":
+            args = [a for a in args if a.split("=")[0] not in SMALL] + [f"{k}={v}" for k, v in SMALL.items()]
+            result = run_train(args, tmp_path / f"run{number}", env=env, cwd=project)
+            assert result.returncode == 0, result.stderr[-3000:]
+            report = json.loads((tmp_path / f"run{number}" / "run" / "eval.json").read_text())
+            assert report["steps"] == 2 and math.isfinite(report["after"]["score_mean"])
+            adapter = adapter or Path(report["adapter"])
+        else:
+            args = [str(adapter) if a == "models/adapted_models/<run>" else a.replace("<you>", "me") for a in args]
+            result = subprocess.run([sys.executable, str(ROOT / "scripts" / "push_to_hub.py"), *args], cwd=project,
+                                    env=env, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0 and "adapter_model.safetensors" in result.stdout, result.stderr
+    card = (adapter / "README.md").read_text()  # written by the trainer with the adapter
+    assert "library_name: peft" in card and "`my_rewards.reward_len`" in card and "| score_mean |" in card
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), str(adapter))  # as the card says
+    assert any("lora_A" in name for name, _ in model.named_parameters())
