@@ -428,7 +428,8 @@ def test_push_to_hub_dry_run_and_one_line_errors(tmp_path):
 DOC = ROOT / "docs" / "trl.md"
 # The page's commands train the embedded model for 60 steps; here the same commands run on the tiny model.
 SMALL = {"model": "tiny-random", "logger": "none", "trainer.progress": "false", "trainer.max_steps": "2",
-         "trainer.samples_per_prompt": "4", "task.evaluation.n_samples": "6", "task.max_new_tokens": "6"}
+         "trainer.samples_per_prompt": "4", "task.evaluation.n_samples": "6", "task.max_new_tokens": "6",
+         "task.evaluation.before_training": "false"}
 
 
 def doc_files_and_commands():

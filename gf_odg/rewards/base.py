@@ -129,12 +129,12 @@ def _invoke(reward, prompts: list, completions: list, completion_ids, context, c
     style, accepted, required = _call_style(reward)
     if style == "positional":
         return reward(prompts, completions, **columns)
-    conversational = getattr(reward, "conversational", not type(reward).__module__.startswith("gf_odg."))
-    if conversational and context is not None and context.conversations is not None:
+    ours = type(reward).__module__.startswith("gf_odg.")
+    if getattr(reward, "conversational", not ours) and context is not None and context.conversations is not None:
         prompts = [conv if conv is not None else text for conv, text in zip(context.conversations, prompts)]
         completions = [[{"role": "assistant", "content": text}] for text in completions]
     arguments = {"prompts": prompts, "completions": completions, **columns}
-    if accepted is None or "completion_ids" in accepted:
+    if (accepted is None and not ours) or (accepted is not None and "completion_ids" in accepted):
         arguments["completion_ids"] = completion_ids if completion_ids is not None else _token_ids(context, completions)
     if accepted is not None:
         missing = sorted(required - set(arguments))
