@@ -145,6 +145,8 @@ def test_reward_weights_from_the_task_config_and_their_errors(tokenizer):
     assert call_reward(task.reward, ["p"], ["x" * 10], **task.reward_kwargs([0])).tolist() == [-15.0]
     with pytest.raises(ConfigError, match=r"task.reward_weights has 3 weights for 2 rewards"):
         build_task(task_cfg(prompts=["p"], reward=cfg.reward, reward_weights=[1, 2, 3]), tokenizer, True, str(ROOT))
+    with pytest.raises(ConfigError, match=r"task.reward is not set: give a reward function"):  # task=trl without one
+        build_reward(None)
     with pytest.raises(ConfigError, match=r"task.reward_weights is set but task.reward is a single reward"):
         build_task(task_cfg(prompts=["p"], reward="test_trl.reward_len", reward_weights=[1.0]),
                    tokenizer, True, str(ROOT))
@@ -188,6 +190,7 @@ def test_dataset_options_and_errors(tmp_path, tokenizer):
         ({"path": str(tmp_path / "none.jsonl")}, r"no such file or folder"),
         ({"path": str(tmp_path / "q.jsonl"), "split": "test"}, r"task.dataset"),
         ({"path": str(tmp_path / "q.jsonl"), "colum": "x"}, r"unknown key\(s\) \['colum'\]"),
+        ({"path": "???"}, r"task.dataset.path is not set"),  # task=trl without a dataset
     ]:
         with pytest.raises(ConfigError, match=message):
             load_prompts(task_cfg(dataset=spec))

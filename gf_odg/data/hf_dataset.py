@@ -34,7 +34,8 @@ def load_dataset_records(spec: Any, root: Optional[str] = None, key: str = "task
     if unknown:
         raise ConfigError(f"{key} has unknown key(s) {sorted(unknown)}; expected {', '.join(KEYS)}.")
     if not spec.get("path") or spec.get("path") == "???":
-        raise ConfigError(f"{key}.path is empty; give a hub dataset id or a local file or folder.")
+        raise ConfigError(f"{key}.path is not set; give a hub dataset id or a local file or folder "
+                          f"({key}.path=my_prompts.jsonl).")
     dataset = _load(spec, root, key)
     column = spec.get("prompt_column") or "prompt"
     if column not in dataset.column_names:

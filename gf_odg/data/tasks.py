@@ -61,7 +61,11 @@ def build_reward(reward_cfg, key: str = "task.reward", weights=None):
         if is_model_reference(reward_cfg):
             return RewardModel(reward_cfg, key=key)
         return _reward_from_name(reward_cfg, key)
-    if reward_cfg is None or not OmegaConf.is_config(reward_cfg) or "_target_" not in reward_cfg:
+    if reward_cfg is None:
+        raise ConfigError(f"{key} is not set: give a reward function or class ({key}=my_rewards.f), a reward model "
+                          f"(a hub id org/name or a folder), a list of these ({key}=[my_rewards.f,my_rewards.g]), "
+                          "or a node with a `_target_`.")
+    if not OmegaConf.is_config(reward_cfg) or "_target_" not in reward_cfg:
         raise ConfigError(f"{key} must be a config node with a `_target_` naming a reward class or function.")
     target = reward_cfg._target_
     try:
