@@ -41,7 +41,8 @@ def push(folder: Path, repo_id: str, private: bool, dry_run: bool, message: str)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise GFODGError(f"--repo-id={repo_id!r}: expected <user or org>/<name>.")
     if dry_run:
-        lines = [f"would upload {len(files)} files to https://huggingface.co/{repo_id} ({'private' if private else 'public'}):"]
+        visibility = "private" if private else "public"
+        lines = [f"would upload {len(files)} files to https://huggingface.co/{repo_id} ({visibility}):"]
         lines += [f"  {p.relative_to(folder)}  ({p.stat().st_size} bytes)" for p in files]
         if not (folder / "README.md").is_file():
             lines.append("  (no README.md: the Hub will show no model card)")

@@ -89,7 +89,8 @@ def _load(spec: dict, root: Optional[str], key: str):
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:240]
         hint = ("check the id and the network (HF_TOKEN for a private one; HF_DATASETS_OFFLINE=1 uses the cache)"
                 if not local.exists() else "check the file's format")
-        raise ConfigError(f"{key}.path={path!r} could not be loaded ({type(err).__name__}: {detail}); {hint}.") from None
+        raise ConfigError(f"{key}.path={path!r} could not be loaded ({type(err).__name__}: {detail}); "
+                          f"{hint}.") from None
 
 
 def _looks_local(path: str) -> bool:

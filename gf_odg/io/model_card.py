@@ -19,7 +19,8 @@ from gf_odg.io.tracking import scrub
 TABLE_KEYS = ("score_mean", "valid_fraction", "unique_fraction", "distinct", "n_modes", "kl_to_target",
               "tv_to_target", "mode_entropy", "exact_kl", "exact_tv", "exact_valid_mass")
 OBJECTIVES = {"tb": "trajectory balance", "vargrad": "VarGrad (log-variance) trajectory balance",
-              "subtb": "modified sub-trajectory balance", "rloo": "REINFORCE leave-one-out (a reward-maximising baseline)"}
+              "subtb": "modified sub-trajectory balance",
+              "rloo": "REINFORCE leave-one-out (a reward-maximising baseline)"}
 
 
 def write_model_card(adapter_dir, cfg, before: Optional[dict] = None, after: Optional[dict] = None,
@@ -63,7 +64,8 @@ def model_card(cfg, before=None, after=None, steps=None, base_model=None, adapte
     ]
     rows = {
         "objective.name": objective.get("name"), "objective.beta": beta,
-        "objective.log_reward_min": objective.get("log_reward_min"), "objective.ref_weight": objective.get("ref_weight"),
+        "objective.log_reward_min": objective.get("log_reward_min"),
+        "objective.ref_weight": objective.get("ref_weight"),
         "trainer.max_steps": trainer.get("max_steps"), "steps trained": steps,
         "trainer.prompts_per_step": trainer.get("prompts_per_step"),
         "trainer.samples_per_prompt": trainer.get("samples_per_prompt"), "trainer.lr": trainer.get("lr"),

@@ -25,8 +25,9 @@ update; a GFlowNet has no "out": it must give the sample some mass), with a warn
 Optional: `score_prefixes(prompts, prefixes, **kwargs) -> [N, T]`, the score of every prefix y_<t
 terminated (prefixes[i][t] is the text of completion i's first t tokens), for modified SubTB.
 Optional: `bind(model, tokenizer)`, called once after the policy loads, for rewards that score with
-the base model (use `gf_odg.model.loading.reference_mode(model)` to switch the adapters off). A reward may also expose `modes()` (the finite set of valid
-completions, for exact evaluation) and `mode_of(completion)` (which mode a completion is, or None).
+the base model (use `gf_odg.model.loading.reference_mode(model)` to switch the adapters off).
+A reward may also expose `modes()` (the finite set of valid completions, for exact evaluation)
+and `mode_of(completion)` (which mode a completion is, or None).
 """
 
 from __future__ import annotations
