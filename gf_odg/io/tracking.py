@@ -1,7 +1,15 @@
-"""Metrics sinks: a local `metrics.jsonl` in the run dir and a W&B run (offline without an API key).
+"""Metrics sinks: a local `metrics.jsonl` in the run dir and a W&B run.
 
-Secrets never reach a sink: the config logged to W&B is scrubbed of any key that looks like a
-credential and of any value equal to a secret in the environment.
+W&B as its users expect: `logger.mode=auto` follows `WANDB_MODE` when set, else runs online with a
+`WANDB_API_KEY` and offline without one (a one-line notice). `WANDB_PROJECT`, `WANDB_ENTITY`,
+`WANDB_DIR`, `WANDB_TAGS` (comma-separated) and `WANDB_RUN_GROUP` are honoured; a config key set
+explicitly (`logger.project=...`) wins. When an online run cannot start (a rejected key, no network
+within `WANDB_INIT_TIMEOUT`, default 30 s here) training goes on offline, with one warning line
+saying how to sync later: never a stack trace, never an unbounded wait.
+
+Secrets never reach a sink nor the console: the config logged to W&B is scrubbed of any key that
+looks like a credential and of any value equal to a secret in the environment, and so are the
+messages of W&B's errors that we print.
 """
 
 from __future__ import annotations
@@ -13,7 +21,11 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from gf_odg.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+INIT_TIMEOUT_S = 30.0  # an online start that takes longer falls back to offline
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 _SECRET_WORDS = ("token", "api_key", "apikey", "secret", "password")
@@ -35,6 +47,29 @@ def scrub(obj: Any, secrets: Optional[list[str]] = None) -> Any:
         for secret in secrets:
             obj = obj.replace(secret, "***")
     return obj
+
+
+def resolve_mode(mode: str) -> str:
+    """`logger.mode` as W&B's mode: auto follows WANDB_MODE, else online with an API key, else offline."""
+    if mode != "auto":
+        return mode
+    env = (os.environ.get("WANDB_MODE") or "").strip().lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env == "dryrun":
+        return "offline"
+    if env:
+        raise ConfigError(f"WANDB_MODE={env!r}: expected online, offline or disabled.")
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    log.warning("W&B: no WANDB_API_KEY, logging offline (set WANDB_MODE=offline to silence this, "
+                "or `wandb sync` the run later).")
+    return "offline"
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split()).split(" Consider increasing")[0] or type(err).__name__
+    return f"{type(err).__name__}: {text[:240]}"
 
 
 def _jsonable(value):
@@ -83,17 +118,34 @@ class Tracker:
     def _init_wandb(self, cfg, run_name: str, config: dict, resume_id: Optional[str]):
         import wandb
 
-        mode = cfg.mode
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
-        run = wandb.init(
+        mode = resolve_mode(cfg.mode)
+        tags = list(cfg.tags) or [t.strip() for t in os.environ.get("WANDB_TAGS", "").split(",") if t.strip()]
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir)
+        try:
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"WANDB_DIR={str(wandb_dir)!r} cannot be created ({err.strerror}); "
+                              "point it at a writable folder or unset it.") from None
+        kwargs = dict(
             project=cfg.project or os.environ.get("WANDB_PROJECT") or "gf-odg",
             entity=cfg.entity or os.environ.get("WANDB_ENTITY") or None,
-            name=run_name, config=config, dir=str(self.run_dir), mode=mode, tags=list(cfg.tags),
+            group=os.environ.get("WANDB_RUN_GROUP") or None,
+            name=run_name, config=config, dir=str(wandb_dir), tags=tags,
             id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
-            settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False),
         )
+        timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+        settings = dict(console="off", x_disable_stats=True, save_code=False, init_timeout=timeout)
+        try:
+            run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
+        except Exception as err:  # noqa: BLE001 - W&B raises many types (auth, network, timeout); we go offline
+            if mode != "online":
+                raise ConfigError(f"W&B could not start an {mode} run: {scrub(_one_line(err))}. "
+                                  "Use logger=none to train without W&B.") from None
+            log.warning("W&B could not start online (%s); logging offline instead: sync later with "
+                        "`wandb sync %s/wandb/offline-run-*`.", scrub(_one_line(err)), wandb_dir)
+            mode = "offline"
+            run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
         log.info("W&B run %s (%s) in %s", run.id, mode, run.dir)
         return run
 

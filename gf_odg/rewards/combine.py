@@ -1,10 +1,13 @@
-"""A weighted sum of reward modules, each logged on its own.
+"""A weighted sum of reward modules, each logged on its own (TRL's `reward_funcs` + `reward_weights`).
 
-    score(y) = Σ_i w_i · score_i(y)       = -inf when any term with w_i ≠ 0 scores -inf
+    score(y) = Σ_{i applies to y} w_i · score_i(y)       = -inf when any term with w_i ≠ 0 scores -inf
 
+A term that returns None for a sample does not apply to it and drops out of the sum (TRL's nan-sum);
+when no counted term applies, the sample is "not applicable" and `call_reward` floors it (see `base`).
 A hard violation stays one whatever its weight; a term with weight 0 is computed and logged but
 does not count. After each call, `last_terms[name]` holds that term's raw scores ([N] tensor, -inf
-included) so that the trainer can log `rewards/<name>/mean` and `rewards/<name>/std`.
+included, and -inf where it did not apply) so that the trainer can log `rewards/<name>/mean` and
+`/std` (of the finite scores).
 `bind(model, tokenizer)` reaches every term that has it; `score_prefixes` exists (same formula, per
 prefix) when every term with w_i ≠ 0 has one.
 
@@ -26,7 +29,7 @@ import torch
 from hydra.errors import InstantiationException
 
 from gf_odg.errors import ConfigError, GFODGError, RewardError
-from gf_odg.rewards.base import call_reward
+from gf_odg.rewards.base import call_reward, score_reward
 
 
 class WeightedSum:
@@ -92,19 +95,37 @@ class WeightedSum:
             raise ConfigError(f"{key}.reward is a {type(reward).__name__}; it must be a reward (a callable).")
         return reward
 
-    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    def set_weights(self, weights, key: str = "task.reward_weights") -> None:
+        """Replace the weights in term order (TRL's `reward_weights`: one per reward)."""
+        weights = [float(w) for w in weights]
+        if len(weights) != len(self.rewards):
+            raise ConfigError(f"{key} has {len(weights)} weights for {len(self.rewards)} rewards "
+                              f"({', '.join(self.rewards)}); give one weight per reward.")
+        if not all(math.isfinite(w) for w in weights):
+            raise ConfigError(f"{key}={weights} must be finite numbers.")
+        self.weights = dict(zip(self.rewards, weights))
+
+    def combine(self, prompts, completions, completion_ids, context, columns) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [N], applicable [N]): what `base.score_reward` asks of a reward made of others."""
         total = torch.zeros(len(completions))  # [N]
         violated = torch.zeros(len(completions), dtype=torch.bool)  # [N]
+        counted_applies = torch.zeros(len(completions), dtype=torch.bool)  # [N]
         self.last_terms = {}
         for name, reward in self.rewards.items():
             try:
-                scores = call_reward(reward, prompts, completions, **kwargs)  # [N]
+                scores, applies = score_reward(reward, prompts, completions, completion_ids, context, columns)  # [N]
             except RewardError as err:
                 raise RewardError(f"term {name!r} of the weighted sum: {err}") from err
-            self.last_terms[name] = scores
+            self.last_terms[name] = scores.masked_fill(~applies, -math.inf)  # logs average the finite ones
             weight = self.weights[name]
             if weight != 0.0:
-                hard = torch.isneginf(scores)
+                hard = applies & torch.isneginf(scores)
                 violated |= hard
-                total += weight * scores.masked_fill(hard, 0.0)
-        return total.masked_fill(violated, -math.inf).tolist()
+                counted_applies |= applies
+                total += weight * scores.masked_fill(hard | ~applies, 0.0)  # None: out of the sum (nan-sum)
+        if all(w == 0.0 for w in self.weights.values()):
+            counted_applies[:] = True  # nothing counts: every sample scores 0
+        return total.masked_fill(violated, -math.inf), counted_applies
+
+    def __call__(self, prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        return call_reward(self, prompts, completions, **kwargs).tolist()
