@@ -86,6 +86,18 @@ class EvaluationConfig:
 
 
 @dataclass
+class DatasetConfig:  # prompts from `datasets` (gf_odg/data/hf_dataset.py)
+    path: str = MISSING  # hub id, local .json/.jsonl/.csv/.parquet file, or folder
+    name: Optional[str] = None
+    split: str = "train"
+    data_files: Optional[Any] = None
+    prompt_column: str = "prompt"
+    shuffle: bool = False
+    seed: int = 0
+    limit: Optional[int] = None
+
+
+@dataclass
 class TaskConfig:
     name: str = MISSING
     prompts: list[Any] = field(default_factory=list)  # strings, or mappings {prompt: ..., **extra}
@@ -95,6 +107,8 @@ class TaskConfig:
     max_new_tokens: int = 16
     constraints: Any = field(default_factory=dict)
     reward: Any = MISSING  # a Hydra `_target_` node: any callable (prompts, completions, **kw) -> scores
+    reward_weights: Optional[list[float]] = None  # one per entry when `reward` is a list (TRL's reward_weights)
+    dataset: Optional[DatasetConfig] = None  # prompts from a `datasets` dataset (hub id or local file/folder)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
