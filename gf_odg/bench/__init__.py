@@ -1,0 +1,1 @@
+"""Benchmarks (the package is being built from scripts/benchmark.py on the bench branch)."""
