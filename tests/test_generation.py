@@ -240,6 +240,9 @@ def test_violations_reports_a_missed_stop_string(tiny_policy):
     ran_on = tok.encode("Hi. Then", add_special_tokens=False) + [eos]
     assert cons.violations(stopped) == []
     assert any("stop string" in p for p in cons.violations(ran_on))
+    short = ConstraintSet.from_config({"stop_strings": ["."], "min_new_tokens": 4}, tok, 10)
+    assert short.violations(stopped) == []  # a stop string ends a completion before the minimum too
+    assert short.violations(tok.encode("Hi", add_special_tokens=False) + [eos])  # too short, not stopped
 
 
 def test_share_prefill_auto():

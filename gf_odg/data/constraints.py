@@ -8,7 +8,8 @@ log P_F is computed for the loss), so the policy is renormalised over the allowe
 The mask at step t depends only on the completion so far, `prefix` = y_<t, which both the sampler
 and the scorer hold. Supported: an allowed-token set, banned words and multi-token phrases, a
 minimum length (EOS masked before it), a maximum length (EOS forced at the last step, so every
-trajectory terminates), and stop strings (EOS forced once the text ends with one).
+trajectory terminates), and stop strings (EOS forced once the text ends with one, even before the
+minimum length: a stop string ends the completion).
 
 The mask is built from tensors compiled once (the allowed row, banned sequences, a stop-string
 automaton over token ids, gf_odg/data/stop_strings.py) and a small per-row state that the sampler
@@ -206,7 +207,11 @@ class ConstraintSet:
         if len(completion) > self.max_new_tokens:
             problems.append(f"longer than {self.max_new_tokens} tokens")
         body = completion[:-1]
-        if len(body) < self.min_new_tokens:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        check_stops = bool(self.stop_strings) and self.tokenizer is not None
+        # a stop string ends the completion even before min_new_tokens (the mask forces EOS there)
+        stopped = check_stops and len(body) > 0 and any(decode(body).endswith(s) for s in self.stop_strings)
+        if len(body) < self.min_new_tokens and not stopped:
             problems.append(f"shorter than {self.min_new_tokens} tokens")
         if self.eos_id in body:
             problems.append("EOS before the end")
@@ -216,8 +221,7 @@ class ConstraintSet:
             k = len(seq)
             if any(body[i:i + k] == seq for i in range(len(body) - k + 1)):
                 problems.append(f"banned sequence {seq}")
-        if self.stop_strings and self.tokenizer is not None:
-            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        if check_stops:
             if any(s in decode(body) for s in self.stop_strings):  # cheap filter before every prefix
                 for t in range(1, len(body)):
                     text = decode(body[:t])
