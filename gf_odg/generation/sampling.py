@@ -252,7 +252,7 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
             if agree is not None:
                 done = agree(done)
             if done:
-                if stop_at < t:  # drew past the last EOS: rewind the generator to where it would be
+                if agree is None and stop_at < t:  # drew past the last EOS: rewind the generator
                     gen.set_state(block_rng)
                     for _ in range(block_start, stop_at + 1):
                         torch.rand((n, 1), generator=gen, device=device, dtype=torch.float64)
