@@ -101,7 +101,8 @@ def test_scored_logprob_full_vocabulary_several_prompts_and_chunks(tiny_policy):
                 if t == cons.max_new_tokens - 1:
                     allowed[:] = False
                     allowed[tok.eos_token_id] = True
-                expected = float(torch.log_softmax(logits[len(prompt) - 1 + t].masked_fill(~allowed, float("-inf")), -1)[token])
+                row_logits = logits[len(prompt) - 1 + t].masked_fill(~allowed, float("-inf"))
+                expected = float(torch.log_softmax(row_logits, -1)[token])
                 assert abs(float(lp.token[i, t]) - expected) < 1e-5, (i, t)
 
 

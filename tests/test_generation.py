@@ -13,14 +13,22 @@ import math
 
 import pytest
 import torch
+from conftest import compose_cfg
 from torch.overrides import TorchFunctionMode
 
-from conftest import compose_cfg
 from gf_odg.data.constraints import ConstraintSet
 from gf_odg.data.prompts import PromptBatch, render_prompt
 from gf_odg.data.stop_strings import StopMatcher, _byte_decoder, token_bytes
-from gf_odg.generation.sampling import (behaviour_probs, decoder_and_head, draw, head_logits, prefill,
-                                        resolve_share_prefill, run_decoder, sample)
+from gf_odg.generation.sampling import (
+    behaviour_probs,
+    decoder_and_head,
+    draw,
+    head_logits,
+    prefill,
+    resolve_share_prefill,
+    run_decoder,
+    sample,
+)
 from gf_odg.model.loading import load_policy
 
 PROMPTS = ["Hi", "Pick a random integer between 0 and 100, please, and answer with the number only.",
@@ -189,7 +197,7 @@ def test_stop_automaton_matches_decoding(tiny_policy):
     texts = ["Voilà é! then ab. x", "café!", "grab ab", "a. b.c", "naïve ... ab!é!"]
     pieces = [tok.encode(t, add_special_tokens=False) for t in texts]
     to_char = {b: c for c, b in _byte_decoder().items()}  # "é" as two one-byte tokens, then "!"
-    pieces.append(tok.convert_tokens_to_ids([to_char[b] for b in "é".encode("utf-8")]) +
+    pieces.append(tok.convert_tokens_to_ids([to_char[b] for b in "é".encode()]) +
                   tok.encode("!", add_special_tokens=False))
     width = max(len(p) for p in pieces)
     ids = torch.full((len(pieces), width), tok.eos_token_id, dtype=torch.long)
@@ -220,10 +228,10 @@ def test_constraints_hold_on_1000_samples_and_each_one_binds(tiny_policy):
                   generator=torch.Generator().manual_seed(0))
     completions = traj.token_lists()
     assert all(cons.violations(c) == [] for c in completions)
-    lengths = [len(c) for c in completions]
-    assert min(lengths) == spec["min_new_tokens"] + 1 and max(lengths) == max_new
-    ended_by_stop = sum(any(t.endswith(s) for s in spec["stop_strings"]) for t in traj.texts)
-    assert ended_by_stop > 100
+    by_stop = [any(t.endswith(s) for s in spec["stop_strings"]) for t in traj.texts]
+    assert sum(by_stop) > 100
+    lengths = [len(c) for c, stop in zip(completions, by_stop) if not stop]  # tokens, EOS included
+    assert min(lengths) == spec["min_new_tokens"] + 1 and max(lengths) == max_new  # both bounds reached
     loose = ConstraintSet.from_config({k: v for k, v in spec.items() if k not in ("banned", "stop_strings")},
                                       tok, max_new)
     free = sample(model, tok, prompts, group, loose, temperature=1.5, epsilon=0.3,

@@ -88,8 +88,8 @@ def _quantise(model, device: torch.device) -> bool:
                 if isinstance(child, torch.nn.Linear):
                     q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
-                    q.weight = bnb.nn.Params4bit(child.weight.data.cpu() if device.type != "cuda" else child.weight.data,
-                                                 requires_grad=False, quant_type="nf4")
+                    weight = child.weight.data if device.type == "cuda" else child.weight.data.cpu()
+                    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
                     setattr(parent, name, q.to(device))
     return True
 
@@ -171,7 +171,7 @@ def measure(model, prompts, group, cons, device: torch.device, repeats: int) -> 
         tag = "shared" if share else "per_sample"
         row[f"ours_step_s_{tag}"] = _timed(ours(share), device, repeats)
     for kv_cache in ("dynamic", "static"):
-        row[f"sample_s_{kv_cache}"] = _timed(lambda: draw(True, kv_cache), device, repeats)
+        row[f"sample_s_{kv_cache}"] = _timed(lambda cache=kv_cache: draw(True, cache), device, repeats)
     row["raw_step_s"] = _timed(raw, device, repeats)
     best = min(row["ours_step_s_shared"], row["ours_step_s_per_sample"])
     row["ours_vs_raw"] = best / row["raw_step_s"]
@@ -240,15 +240,17 @@ def run(ctx) -> dict:
 
 
 def markdown(result: dict) -> list[str]:
-    lines = [f"## GPU: ours vs raw HF generate + forward/backward ({result['machine']})", "",
-             f"K = {result['k']}, prompt {result['prompt_tokens']} random tokens, median of {result['repeats']} "
+    intro = (f"K = {result['k']}, prompt {result['prompt_tokens']} random tokens, median of {result['repeats']} "
              "after a warm-up; random weights, LoRA r = 16. `ours / raw` uses the faster of shared and "
-             "per-sample prefill.", "",
-             "| shape | workload | weights | ours / raw | ours shared s | ours per-sample s | raw s | sharing x "
-             "| static cache x | sampled tok/s | peak GB ours | peak GB raw |",
+             "per-sample prefill.")
+    header = ("| shape | workload | weights | ours / raw | ours shared s | ours per-sample s | raw s | sharing x "
+              "| static cache x | sampled tok/s | peak GB ours | peak GB raw |")
+    lines = [f"## GPU: ours vs raw HF generate + forward/backward ({result['machine']})", "", intro, "", header,
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def gb(value):
+        return f"{value:.2f}" if value is not None else "-"
+
     for r in result["rows"]:
-        gb = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
         lines.append(f"| {r['shape']} | {r['workload']} | {r['weights']} | {r['ours_vs_raw']:.2f} | "
                      f"{r['ours_step_s_shared']:.3f} | {r['ours_step_s_per_sample']:.3f} | {r['raw_step_s']:.3f} | "
                      f"{r['share_speedup']:.2f} | {r['static_cache_speedup']:.2f} | {r['sampled_tokens_per_s']:.0f} | "

@@ -117,7 +117,8 @@ class ConstraintSet:
             return None
         if getattr(self, "_stops", None) is None:
             if self.tokenizer is None:
-                raise ValueError("ConstraintSet with stop_strings needs `tokenizer` (ConstraintSet.from_config sets it).")
+                raise ValueError("ConstraintSet with stop_strings needs `tokenizer` "
+                                 "(ConstraintSet.from_config sets it).")
             self._stops = build_stop_matcher(self.stop_strings, self.tokenizer)
         return self._stops
 
@@ -133,7 +134,8 @@ class ConstraintSet:
                 base = torch.ones(len(self.columns), dtype=torch.bool)
             else:
                 lookup = torch.arange(self.vocab_size)
-                base = self.allowed.clone() if self.allowed is not None else torch.ones(self.vocab_size, dtype=torch.bool)
+                base = (self.allowed.clone() if self.allowed is not None
+                        else torch.ones(self.vocab_size, dtype=torch.bool))
             eos = int(lookup[self.eos_id])
             banned = []
             for seq in self.banned_sequences:
