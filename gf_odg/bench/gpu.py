@@ -235,8 +235,23 @@ def run(ctx) -> dict:
         del model
         if o.device.type == "cuda":
             torch.cuda.empty_cache()
+        if getattr(ctx, "out", None):  # after each shape: a timeout keeps what was measured
+            write(Path(ctx.out), _result(o, rows, skipped))
+    return _result(o, rows, skipped)
+
+
+def _result(o, rows: list[dict], skipped: list[str]) -> dict:
     return {"machine": _machine(o.device), "rows": rows, "skipped": skipped, "k": o.k,
             "prompt_tokens": o.prompt_tokens, "new_tokens": o.new_tokens, "repeats": o.repeats}
+
+
+def write(out: Path, result: dict) -> None:
+    """gpu.json and gpu.md in `out`, each replaced atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("gpu.json", json.dumps(result, indent=2)), ("gpu.md", "\n".join(markdown(result)) + "\n")):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def markdown(result: dict) -> list[str]:
@@ -273,13 +288,8 @@ def main(argv=None) -> None:
     parser.add_argument("--gpu-bf16", action="store_true", help="no 4-bit quantisation")
     parser.add_argument("--out", default="outputs/gpu")
     args = parser.parse_args(argv)
-    result = run(SimpleNamespace(device=args.device, options=args))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("gpu.json", json.dumps(result, indent=2)), ("gpu.md", "\n".join(markdown(result)) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    result = run(SimpleNamespace(device=args.device, options=args, out=args.out))
+    write(Path(args.out), result)
     print("\n".join(markdown(result)))
 
 
