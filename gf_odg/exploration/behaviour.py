@@ -7,6 +7,8 @@ schedules from their start value to `*_end` over `*_steps` steps (constant when 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -34,3 +36,16 @@ def replay_fraction_at(cfg, step: int) -> float:
     if not replay.enabled:
         return 0.0
     return linear(replay.fraction, replay.fraction_end, replay.fraction_steps, step)
+
+
+def epsilon_warning(cfg, constraints, vocab_size: int) -> Optional[str]:
+    """The start-up warning for epsilon-uniform mixing with no allowed-token set, or None.
+
+    Without an allowed set, epsilon mixes over the whole vocabulary and mostly draws junk (measured
+    on experiment=sparse_rng: it did not help)."""
+    eps = max(float(cfg.epsilon), float(cfg.epsilon_end or 0.0))
+    if eps <= 0 or constraints.allowed is not None:
+        return None
+    return (f"exploration.epsilon={cfg.epsilon} with no allowed-token set: epsilon-uniform mixes over all "
+            f"{vocab_size} tokens, which mostly draws junk (measured on experiment=sparse_rng: it did not "
+            "help). Consider exploration.epsilon=0, or a task.constraints.allowed set.")

@@ -21,6 +21,7 @@ from packaging.version import Version
 
 from gf_odg.data.constraints import ConstraintSet
 from gf_odg.data.prompts import PromptBatch
+from gf_odg.errors import ConfigError
 
 
 @dataclass
@@ -120,50 +121,159 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return index.clamp(max=probs.shape[1] - 1)
 
 
+SYNC_EVERY = 8  # tokens between the host's checks that every row has finished
+
+
+def resolve_share_prefill(setting, prompts: PromptBatch, group: torch.Tensor) -> bool:
+    """`trainer.share_prompt_prefill`: true, false, or "auto".
+
+    auto: share on the CPU always (measured 5-18x faster per step there); on a GPU share when the
+    prompt tokens it saves, (samples per prompt - 1) x prompt length, reach SHARE_MIN_SAVED_TOKENS.
+    On a GPU a small model is bound by kernel launches and a 4-bit model dequantises its weights once
+    per forward call, and sharing makes two calls where per-sample prefill makes one: measured on an
+    H100 with the rng chat prompt (about 40 tokens) at K = 32, about 1,200 tokens saved, sharing
+    ran at 0.7-0.8x. The threshold is provisional until the GPU check (scripts/gpu_check.sh)
+    measures the crossing; see docs/gpu.md."""
+    if isinstance(setting, bool):
+        return setting
+    if str(setting).lower() in ("true", "false"):
+        return str(setting).lower() == "true"
+    if str(setting).lower() != "auto":
+        raise ConfigError(f"trainer.share_prompt_prefill={setting!r}: expected true, false or auto.")
+    if prompts.input_ids.device.type == "cpu":
+        return True
+    per_prompt = torch.bincount(group.cpu(), minlength=len(prompts)).tolist()  # once per call, not per token
+    lengths = prompts.lengths.cpu().tolist()
+    saved = sum((k - 1) * length for k, length in zip(per_prompt, lengths) if k > 0)
+    return saved >= SHARE_MIN_SAVED_TOKENS
+
+
+SHARE_MIN_SAVED_TOKENS = 4096
+
+
+def _mask_kind(config) -> str | None:
+    """How a prebuilt 4D attention mask must look for this model's attention ("bool" for SDPA,
+    "float" for eager), or None to let transformers build it from the 2D mask (other kernels, and
+    sliding-window layers, whose windows a prebuilt mask would skip)."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) or any("sliding" in str(t) for t in layer_types):
+        return None
+    impl = getattr(config, "_attn_implementation", None)
+    return {"sdpa": "bool", "eager": "float"}.get(impl)
+
+
+def _attention_4d(attn: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """[N, S] 0/1 -> [N, 1, 1, S] in the form transformers would build for a one-token query."""
+    keep = attn.bool()[:, None, None, :]
+    if kind == "bool":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=attn.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def _static_cache(config, cache, width: int):
+    """A preallocated cache of `width` positions holding what `cache` holds (each layer written once)."""
+    from transformers import StaticCache
+
+    static = StaticCache(config=config, max_cache_len=width)
+    for src, dst in zip(cache.layers, static.layers):
+        dst.update(src.keys, src.values)
+    return static
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constraints: ConstraintSet,
            temperature: torch.Tensor | float = 1.0, epsilon: float = 0.0,
-           generator: torch.Generator | None = None, share_prefill: bool = True,
-           top_p: float = 1.0) -> Trajectories:
-    """Draw one completion per entry of `group` (prompt indices), e.g. group = arange(P).repeat_interleave(K)."""
+           generator: torch.Generator | None = None, share_prefill: bool | str = True,
+           top_p: float = 1.0, kv_cache: str = "dynamic", sync_every: int = SYNC_EVERY) -> Trajectories:
+    """Draw one completion per entry of `group` (prompt indices), e.g. group = arange(P).repeat_interleave(K).
+
+    No host synchronisation per token: the constraint mask is kept on the device as a state the
+    loop advances; whether every row has finished is read every `sync_every` tokens. The steps run
+    past the last row's EOS draw EOS only, and the generator is rewound so that it ends where a
+    check after every token would have left it: the same seed draws the same tokens, and leaves the
+    same generator state, for any `sync_every`. `kv_cache="static"` preallocates the KV cache
+    (transformers' StaticCache) instead of growing it every token (same draws; see docs/gpu.md).
+    """
     device = prompts.input_ids.device
     n = group.shape[0]
     eos = constraints.eos_id
+    max_new = constraints.max_new_tokens
+    if kv_cache not in ("dynamic", "static"):
+        raise ConfigError(f"kv_cache={kv_cache!r}: expected dynamic or static.")
     if not torch.is_tensor(temperature):
         temperature = torch.full((n,), float(temperature), device=device)
+    gen = generator if generator is not None else _default_generator(device)
     decoder, lm_head, config = decoder_and_head(model)
     columns = constraints.columns  # None, or the token ids that may ever be allowed
     if columns is not None:
         columns = columns.to(device)
-    hidden, cache, attn, prompt_len = prefill(model, prompts, group, share_prefill)
+    share = resolve_share_prefill(share_prefill, prompts, group)
+    hidden, cache, attn, prompt_len = prefill(model, prompts, group, share)
     logits = head_logits(lm_head, config, hidden, columns)  # [N, V or V']
-    tokens = torch.full((n, constraints.max_new_tokens), eos, dtype=torch.long, device=device)
+    width = attn.shape[1]
+    kind = _mask_kind(config)
+    if kv_cache == "static" and kind is None:
+        kv_cache = "dynamic"  # a prebuilt mask would be wrong here; the grown cache is always right
+    padded = kind is not None and bool((attn == 0).any())  # once per call
+    full_attn = torch.cat([attn, torch.zeros((n, max_new), dtype=attn.dtype, device=device)], dim=1)  # [N, L + T]
+    if kv_cache == "static":
+        cache = _static_cache(config, cache, width + max_new)
+    state = constraints.start(n, device, in_columns=columns is not None)
+    tokens = torch.full((n, max_new), eos, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
-    lengths = torch.full((n,), constraints.max_new_tokens, dtype=torch.long, device=device)
-    for t in range(constraints.max_new_tokens):
-        allowed = constraints.mask(tokens[:, :t], t)
-        if columns is not None:
-            allowed = allowed[:, columns]
+    lengths = torch.full((n,), max_new, dtype=torch.long, device=device)
+    first_done = torch.full((), -1, dtype=torch.long, device=device)  # first step after which all finished
+    agree = getattr(model, "gf_odg_all_true", None)  # FSDP: every process makes the same forward calls
+    every = 1 if agree is not None else max(1, int(sync_every))
+    block_start, block_rng = 0, gen.get_state()
+    for t in range(max_new):
+        allowed = constraints.allowed_at(state)  # [N, V or V'] on the device
         probs = behaviour_probs(logits, allowed, temperature, epsilon, top_p)
-        nxt = draw(probs, generator)
+        nxt = draw(probs, gen)
         if columns is not None:
             nxt = columns[nxt]
         nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
         tokens[:, t] = nxt
         newly = (nxt == eos) & ~finished
-        lengths[newly] = t + 1
-        finished |= newly
-        if t == constraints.max_new_tokens - 1:
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        finished = finished | newly
+        if t == max_new - 1:
             break
-        done = bool(finished.all())
-        agree = getattr(model, "gf_odg_all_true", None)  # FSDP: every process makes the same forward calls
-        if (agree(done) if agree is not None else done):
-            break
-        attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
-        hidden, cache = run_decoder(decoder, cache, input_ids=nxt.unsqueeze(1), attention_mask=attn,
+        first_done = torch.where((first_done < 0) & finished.all(), torch.full_like(first_done, t), first_done)
+        if (t + 1 - block_start) % every == 0:
+            stop_at = int(first_done)  # the host's one look per block
+            done = stop_at >= 0
+            if agree is not None:
+                done = agree(done)
+            if done:
+                if agree is None and stop_at < t:  # drew past the last EOS: rewind the generator
+                    gen.set_state(block_rng)
+                    for _ in range(block_start, stop_at + 1):
+                        torch.rand((n, 1), generator=gen, device=device, dtype=torch.float64)
+                break
+            block_start, block_rng = t + 1, gen.get_state()
+        state = constraints.advance(state, nxt)
+        full_attn[:, width + t] = 1
+        if kv_cache == "static":
+            mask = _attention_4d(full_attn, kind, hidden.dtype)
+        elif padded:
+            mask = _attention_4d(full_attn[:, : width + t + 1], kind, hidden.dtype)
+        elif kind is not None:
+            mask = None  # nothing padded: transformers needs no mask for a one-token query
+        else:
+            mask = full_attn[:, : width + t + 1]
+        hidden, cache = run_decoder(decoder, cache, input_ids=nxt.unsqueeze(1), attention_mask=mask,
                                     position_ids=(prompt_len + t).unsqueeze(1), use_cache=True)
         logits = head_logits(lm_head, config, hidden[:, -1], columns)
-    width = int(lengths.max())
-    tokens = tokens[:, :width]
-    texts = [tokenizer.decode(tokens[i, : int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(n)]
+    lengths_list = lengths.tolist()
+    width_out = max(lengths_list)
+    tokens = tokens[:, :width_out]
+    rows = tokens.tolist()
+    texts = [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(rows, lengths_list)]
     return Trajectories(group=group, tokens=tokens, lengths=lengths, texts=texts)

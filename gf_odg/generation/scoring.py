@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gf_odg.data.constraints import ConstraintSet
 from gf_odg.data.prompts import PromptBatch
-from gf_odg.generation.sampling import decoder_and_head, head_logits, prefill, run_decoder
+from gf_odg.generation.sampling import decoder_and_head, head_logits, prefill, resolve_share_prefill, run_decoder
 
 
 @dataclass
@@ -139,13 +139,16 @@ def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tens
         token_index, eos_index = safe_tokens, eos_id
     step = max(1, chunk_rows // max(n, 1))
     chosen_parts, eos_parts = [], []
+    state = constraints.start(n, tokens.device, in_columns=columns is not None) if constraints is not None else None
     for t0 in range(0, width, step):
         t1 = min(width, t0 + step)
         allowed = None
         if constraints is not None:
-            allowed = torch.stack([constraints.mask(safe_tokens[:, :t], t) for t in range(t0, t1)], dim=1)
-            if columns is not None:
-                allowed = allowed[..., columns]
+            masks = []  # the sampler's mask state, advanced along the completions: [N, c, V or V']
+            for t in range(t0, t1):
+                masks.append(constraints.allowed_at(state))
+                state = constraints.advance(state, safe_tokens[:, t])
+            allowed = torch.stack(masks, dim=1)
         args = (lm_head, config, eos_index, hidden[:, t0:t1], token_index[:, t0:t1], allowed, columns)
         if torch.is_grad_enabled() and hidden.requires_grad:
             chosen, eos = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
@@ -162,8 +165,10 @@ def selective_logprobs(lm_head, config, hidden: torch.Tensor, tokens: torch.Tens
 
 def score_completions(model, prompts: PromptBatch, group: torch.Tensor, tokens: torch.Tensor,
                       lengths: torch.Tensor, constraints: Optional[ConstraintSet], eos_id: int,
-                      share_prefill: bool = True, chunk_rows: int = 128, want_eos: bool = False) -> TokenLogProbs:
-    """log P_F per completion token (gradients follow torch's grad mode)."""
+                      share_prefill: bool | str = True, chunk_rows: int = 128, want_eos: bool = False) -> TokenLogProbs:
+    """log P_F per completion token (gradients follow torch's grad mode). `share_prefill`: true,
+    false or "auto" (`resolve_share_prefill`)."""
     _, lm_head, config = decoder_and_head(model)
-    hidden = completion_hidden(model, prompts, group, tokens, share_prefill)
+    share = resolve_share_prefill(share_prefill, prompts, group)
+    hidden = completion_hidden(model, prompts, group, tokens, share)
     return selective_logprobs(lm_head, config, hidden, tokens, lengths, constraints, eos_id, chunk_rows, want_eos)
