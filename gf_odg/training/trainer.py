@@ -31,7 +31,7 @@ from gf_odg.io import checkpoints
 from gf_odg.io.tracking import Tracker
 from gf_odg.log_reward import beta_at, log_reward_fn
 from gf_odg.model.loading import load_policy, model_summary, resolve_device
-from gf_odg.objectives import build_log_z, build_objective
+from gf_odg.objectives import build_log_z, build_objective, names_where
 from gf_odg.training import metrics as step_metrics
 from gf_odg.training import optim, state
 from gf_odg.training.optim import build_optimizer, lr_factor  # noqa: F401 - re-exported
@@ -100,11 +100,12 @@ class Trainer:
         self.reward, self.model, self.tokenizer, self.base_path, self.task = build_policy_and_task(cfg, self.device)
         if self.dist.is_main:
             self.dist.barrier()
-        if cfg.objective.name == "subtb" and not hasattr(self.reward, "score_prefixes"):
-            raise ConfigError(
-                f"objective=subtb needs a reward that scores every prefix (a `score_prefixes` method); "
-                f"task.reward {type(self.reward).__name__} has none. Use objective=tb or vargrad.")
         self.objective = build_objective(cfg.objective)
+        if self.objective.needs_prefix_scores and not hasattr(self.reward, "score_prefixes"):
+            raise ConfigError(
+                f"objective={self.objective.name} needs a reward that scores every prefix (a `score_prefixes` "
+                f"method); task.reward {type(self.reward).__name__} has none. Use objective="
+                f"{' or '.join(names_where(needs_prefix_scores=False, on_policy_only=False))}.")
         if cfg.exploration.epsilon > 0 and self.task.constraints.allowed is None and self.dist.is_main:
             log.warning(
                 "exploration.epsilon=%s with no allowed-token set: epsilon-uniform mixes over all %d tokens, which "
