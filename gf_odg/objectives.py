@@ -34,6 +34,7 @@ class ObjectiveBatch:
     log_pf_stop: Optional[torch.Tensor] = None  # [N, T] log P_F(EOS | s_t), -inf where EOS is masked
     prefix_log_reward: Optional[torch.Tensor] = None  # [N, T] log R(s_t ⊤)
     lengths: Optional[torch.Tensor] = None  # [N] tokens incl. EOS
+    beta: float = 1.0  # the reward temperature of log_reward: score = beta * log R where log R is not floored
 
 
 class Objective:
@@ -176,7 +177,8 @@ class RLOO(Objective):
 
     def __call__(self, batch: ObjectiveBatch):
         reward = batch.score.clone()
-        reward = torch.where(torch.isfinite(reward), reward, batch.log_reward)  # a violation scores the floor
+        # a violation scores the floor, in score units: log R = score / beta is floored at log_reward_min
+        reward = torch.where(torch.isfinite(reward), reward, batch.beta * batch.log_reward)
         if self.kl_coef and batch.log_ref is not None:
             reward = reward - self.kl_coef * (batch.log_pf.detach() - batch.log_ref)
         n_groups = int(batch.group.max()) + 1

@@ -200,7 +200,7 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
             parts.log_z.initialise(parts.dist.mean(float((log_r - log_pf.detach()).mean())))
         log_z = parts.log_z(parts.prompt_features(batch.prompt_indices))[group]
     obj_batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_r.detach(), score=score, group=group, log_z=log_z,
-                               log_ref=log_ref, lengths=traj.lengths.to(dev))
+                               log_ref=log_ref, lengths=traj.lengths.to(dev), beta=beta)
     if want_eos:
         obj_batch.log_pf_tokens = lp.token.float()
         obj_batch.log_pf_stop = lp.eos.float()

@@ -159,14 +159,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         result = loss_and_backward(self.parts, self.cfg, batch, self.global_step)
-        grad_norm = float("nan")
+        norms = {optim.LORA: float("nan")}
         if result.finite:
-            grad_norm = optim.apply_update(self.optimizer, self.scheduler, self.dist, self.cfg.trainer.grad_clip)
-        self._count_nonfinite(math.isfinite(grad_norm))
+            norms = optim.apply_update(self.optimizer, self.scheduler, self.dist, self.cfg.trainer.grad_clip)
+        self._count_nonfinite(all(math.isfinite(n) for n in norms.values()))
         t1 = time.perf_counter()
         self.found.update(step_metrics.new_valid_texts(batch, self.dist))
         metrics = step_metrics.step_metrics(
-            batch, result, grad_norm, lr=self.scheduler.get_last_lr()[0],
+            batch, result, norms, lr=self.scheduler.get_last_lr()[0],
             max_new_tokens=self.task.constraints.max_new_tokens, distinct_valid=len(self.found),
             nonfinite_total=self.nonfinite_total, reward=self.reward, replay=self.replay,
             log_reward_fn=log_reward_fn(self.cfg.objective, self.global_step))
@@ -204,9 +204,10 @@ class Trainer:
         return result
 
     def _evaluate(self, tag: str) -> dict:
+        """Against the target the run trains toward: the reward at the final beta (before and after alike)."""
         ecfg = self.cfg.task.evaluation
         result, rows = evaluate(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
-                                beta=beta_at(self.cfg.objective, self.global_step), seed=self.cfg.seed + 1000,
+                                beta=beta_at(self.cfg.objective, self.cfg.trainer.max_steps), seed=self.cfg.seed + 1000,
                                 share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact)
         self.tracker.log({f"eval_{tag}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
                          step=self.global_step)
