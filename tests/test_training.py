@@ -218,3 +218,49 @@ def test_only_the_last_keep_checkpoints_are_kept(tmp_path):
         assert (run_dir / "latest").read_text().strip() == f"step_{step:06d}"
     assert [p.name for p in checkpoints.complete_checkpoints(run_dir)] == ["step_000004", "step_000005"]
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+# ----------------------------------------------------------------- one atomic folder writer
+def test_the_atomic_writer_replaces_keeps_or_refuses_as_asked(tmp_path):
+    from gf_odg.errors import GFODGError
+    from gf_odg.io.atomic import write_folder
+
+    def content(text):
+        return lambda tmp: (tmp / "f.txt").write_text(text)
+
+    dest = tmp_path / "out"
+    write_folder(dest, content("one"), exists="refuse")
+    assert (dest / "f.txt").read_text() == "one"
+    built = []
+    write_folder(dest, lambda tmp: built.append(tmp), exists="keep")  # kept: nothing is built
+    assert (dest / "f.txt").read_text() == "one" and not built
+    with pytest.raises(GFODGError, match="will not be overwritten"):
+        write_folder(dest, content("two"), exists="refuse")
+    assert (dest / "f.txt").read_text() == "one"
+    write_folder(dest, content("three"), exists="replace")
+    assert (dest / "f.txt").read_text() == "three"
+
+    def crash(tmp):
+        (tmp / "f.txt").write_text("half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_folder(dest, crash, exists="replace")
+    assert (dest / "f.txt").read_text() == "three"  # the old folder stands; no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(ValueError):
+        write_folder(tmp_path / "x", content("x"), exists="overwrite")
+
+
+def test_a_lora_target_the_model_lacks_is_a_config_error_listing_its_layers():
+    from conftest import compose_cfg
+    from gf_odg.errors import ConfigError
+    from gf_odg.model.loading import load_policy
+
+    cfg = compose_cfg(["model=tiny-random", "model.lora.target_modules=[qkv_proj]"])
+    with pytest.raises(ConfigError) as err:
+        load_policy(cfg.model, cfg.paths, torch.device("cpu"))
+    text = str(err.value)
+    assert "model.lora.target_modules" in text and "qkv_proj" in text
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # the layers the tiny Llama does have
+        assert name in text

@@ -56,7 +56,8 @@ def step_metrics(batch, result, grad_norms: dict, *, lr: float, max_new_tokens: 
         "exploration/temperature_mean": batch.temperature_mean,
         "exploration/epsilon": batch.epsilon,
         "exploration/replay_fraction": float(batch.from_replay.float().mean()),
-        "exploration/fresh_unique_fraction": len({t for t, f in zip(traj.texts, fresh) if f}) / max(1, int(fresh.sum())),
+        "exploration/fresh_unique_fraction":
+            len({t for t, f in zip(traj.texts, fresh) if f}) / max(1, int(fresh.sum())),
     }
     if "log_z" in grad_norms:
         m["grad_norm/log_z"] = grad_norms["log_z"]
