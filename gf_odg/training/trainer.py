@@ -123,16 +123,23 @@ class Trainer:
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.trainer)
         self.generators = state.Generators.seeded(cfg.seed, self.dist.rank, self.device)
         self.replay = build_replay(cfg.exploration.replay)
-        self.parts = StepParts(self.model, self.tokenizer, self.reward, self.task, self.objective, self.log_z,
-                               self._prompt_features, self.replay, self.dist, self.device)
-        self.checkpointed = state.Checkpointed(self.model, self.log_z, self.optimizer, self.scheduler, self.replay,
-                                               self.generators, self.dist, self.base_path, self.run_name)
         if self.resume_from is not None:
             self.progress = state.restore(self.checkpointed, self.resume_from, self.device)
         self.tracker = Tracker(cfg.logger, self.run_dir, self.run_name, OmegaConf.to_container(cfg, resolve=True),
                                resume_id=self.progress.wandb_id, enabled=self.dist.is_main)
         self.progress.wandb_id = self.tracker.run_id
         self.tracker.summary({**model_summary(self.model), "world_size": self.dist.world_size})
+
+    @property
+    def parts(self) -> StepParts:
+        """What a step works with (read from the trainer's attributes at each call)."""
+        return StepParts(self.model, self.tokenizer, self.reward, self.task, self.objective, self.log_z,
+                         self._prompt_features, self.replay, self.dist, self.device)
+
+    @property
+    def checkpointed(self) -> state.Checkpointed:
+        return state.Checkpointed(self.model, self.log_z, self.optimizer, self.scheduler, self.replay,
+                                  self.generators, self.dist, self.base_path, self.run_name)
 
     # ----------------------------------------------------------------- one step
     def step(self) -> dict:
