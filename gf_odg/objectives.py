@@ -186,7 +186,8 @@ class RLOO(Objective):
         counts = torch.zeros(n_groups, device=reward.device).index_add(0, batch.group, ones)[batch.group]
         sums = torch.zeros(n_groups, device=reward.device).index_add(0, batch.group, reward)[batch.group]
         if bool((counts < 2).any()):
-            raise ConfigError(f"objective={self.name} needs trainer.samples_per_prompt >= 2 (a leave-one-out baseline).")
+            raise ConfigError(f"objective={self.name} needs trainer.samples_per_prompt >= 2 "
+                              "(a leave-one-out baseline).")
         advantage = reward - (sums - reward) / (counts - 1)
         loss = -(advantage.detach() * batch.log_pf).mean()
         return loss, {"residual": advantage.detach()}
