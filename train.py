@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ prepare_environment()  # .env, tokenizer threads, the user's reward modules impo
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from gf_odg.config.schema import register_configs  # noqa: E402
 from gf_odg.distributed import Dist, launch_time, share_launch_time  # noqa: E402
