@@ -32,3 +32,10 @@ def log_reward(score: torch.Tensor, beta: float, log_reward_min: float, ref_weig
         value = value + ref_weight * log_ref
     value = torch.nan_to_num(value, nan=log_reward_min, neginf=log_reward_min)
     return value.clamp(min=log_reward_min)
+
+
+def log_reward_fn(cfg, step: int):
+    """scores -> log R at step `step`'s beta, floored (no reference term): what replay ranks by."""
+    beta = beta_at(cfg, step)
+    floor = cfg.log_reward_min
+    return lambda scores: log_reward(torch.as_tensor(scores, dtype=torch.float32), beta, floor)
