@@ -115,7 +115,9 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
     replayed = []  # (row, entry)
     if n_replay and parts.replay is not None:
         for row, i in enumerate(indices):
-            key = task.prompts[i] if cfg.exploration.replay.scope == "prompt" else None
+            # Always this prompt's entries, whatever the scope: a trajectory is trained under the prompt
+            # it was scored with (a global pool shares memory and priorities, not (x, y, R) triples).
+            key = task.prompts[i]
             if parts.replay.size(key) > 0:
                 replayed += [(row, e) for e in parts.replay.sample(key, n_replay, behaviour_gen,
                                                                     log_reward_fn(cfg.objective, step))]
