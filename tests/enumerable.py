@@ -90,10 +90,11 @@ SHORT_INVALID = ["b", "ac", "ca", "cc"]
 INVALID = [COMPLETIONS[i] for i in torch.randperm(len(COMPLETIONS), generator=torch.Generator().manual_seed(7))[:13]]
 
 
-def log_weights(seed: int, log_z: float, completions=COMPLETIONS, invalid=INVALID) -> dict[str, float]:
-    """w(y) for the valid completions (spread over ~4.5 nats, fixed by the seed), logsumexp = log_z."""
+def log_weights(seed: int, log_z: float, completions=COMPLETIONS, invalid=INVALID,
+                spread: float = 4.5) -> dict[str, float]:
+    """w(y) for the valid completions (spread over `spread` nats, fixed by the seed), logsumexp = log_z."""
     g = torch.Generator().manual_seed(seed)
-    raw = torch.rand(len(completions), generator=g) * 4.5 - 3.0
+    raw = torch.rand(len(completions), generator=g) * spread
     table = {c: float(v) for c, v in zip(completions, raw) if c not in invalid}
     shift = log_z - math.log(sum(math.exp(v) for v in table.values()))
     return {c: v + shift for c, v in table.items()}

@@ -52,13 +52,14 @@ BEHAVIOURS = {
 }
 
 
-def train_cell(tmp_path, overrides: list[str], log_z: tuple[float, float]) -> tuple[Trainer, list[dict]]:
+def train_cell(tmp_path, overrides: list[str], log_z: tuple[float, float],
+               spread: float = 4.5) -> tuple[Trainer, list[dict]]:
     objective = next(o.split("=")[1] for o in overrides if o.startswith("objective="))
     rest = [o for o in overrides if not o.startswith("objective=")]
     cfg = enumerable_cfg(tmp_path, objective, prompts=PROMPTS, seeds=[0, 1], extra=[*COMMON, *rest])
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
-    weights = [log_weights(seed, z, SHORT, SHORT_INVALID) for seed, z in zip((0, 1), log_z)]
+    weights = [log_weights(seed, z, SHORT, SHORT_INVALID, spread) for seed, z in zip((0, 1), log_z)]
     set_scores(trainer, weights, cfg.objective.beta, cfg.objective.ref_weight)
     while trainer.global_step < cfg.trainer.max_steps:
         trainer.step()
@@ -81,14 +82,16 @@ def test_matrix_cell_reaches_its_target(tmp_path, objective, behaviour):
 
 
 @pytest.mark.slow
-def test_rloo_collapses_onto_the_best_completion(tmp_path):
-    """The contrast that motivates the project: under the same plumbing, reward maximisation puts
-    most of its mass on the best completion, which the target gives little."""
+def test_rloo_collapses_onto_a_best_completion(tmp_path):
+    """The contrast that motivates the project: under the same plumbing, on a flat target (no
+    completion above 0.25), reward maximisation puts most of its mass on one of the best completions."""
     overrides = ["objective=rloo", "objective.ref_weight=0", "exploration=on_policy"]
-    trainer, weights = train_cell(tmp_path, overrides, (0.5, 2.5))
+    trainer, weights = train_cell(tmp_path, overrides, (0.5, 2.5), spread=1.0)
     for i, w in enumerate(weights):
-        best = max(w, key=w.get)
         probs = exact_probs(trainer, i)
-        assert target_probs(w)[best] < 0.2
-        assert probs[best] >= 0.6, (best, probs[best])
+        mode = max(probs, key=probs.get)
+        ranked = sorted(w, key=w.get, reverse=True)
+        print(f"rloo prompt {i}: {probs[mode]:.3f} on {mode!r}, rank {ranked.index(mode) if mode in w else None}")
+        assert max(target_probs(w).values()) < 0.25
+        assert probs[mode] >= 0.8 and mode in ranked[:3], (mode, probs[mode], ranked)
         assert tv_to(probs, w) >= 0.5
