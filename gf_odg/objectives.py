@@ -3,13 +3,17 @@
 Notation (docs/design.md sec. 1): x a prompt, y = (y_1 .. y_T, EOS) a completion, log P_F(y|x) the sum
 of masked token log-probabilities of the training policy at temperature 1, log R(x, y) the floored
 log-reward. Every objective below except RLOO is satisfied exactly when P_F(y|x) ∝ R(x, y), and
-all of them are off-policy: `batch` may come from any behaviour policy.
+all of them except RLOO are off-policy: `batch` may come from any behaviour policy.
+
+Each objective is one class that declares what it needs; `OBJECTIVES` (name -> class) is the one list
+of them, read by config validation, `build_log_z`, the training step and the error messages. Adding
+an objective is one class here (decorated with `@register`) and one configs/objective/<name>.yaml.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -30,6 +34,45 @@ class ObjectiveBatch:
     log_pf_stop: Optional[torch.Tensor] = None  # [N, T] log P_F(EOS | s_t), -inf where EOS is masked
     prefix_log_reward: Optional[torch.Tensor] = None  # [N, T] log R(s_t ⊤)
     lengths: Optional[torch.Tensor] = None  # [N] tokens incl. EOS
+    beta: float = 1.0  # the reward temperature of log_reward: score = beta * log R where log R is not floored
+
+
+class Objective:
+    """What every objective declares (the defaults: a loss on whole trajectories, off-policy)."""
+
+    name: ClassVar[str]
+    needs_log_z: ClassVar[bool] = False  # a learned log Z(x) (scalar or prompt-conditioned)
+    needs_reference: bool = False  # log p_ref(y|x) from a reference pass (adapters off) even when ref_weight=0
+    needs_prefix_scores: ClassVar[bool] = False  # a reward with `score_prefixes`, and log P_F(EOS | s_t)
+    on_policy_only: ClassVar[bool] = False  # unbiased only for samples from P_F itself: no exploration, no replay
+    min_samples_per_prompt: ClassVar[int] = 1  # K; >= 2 for objectives that compare a prompt's samples
+
+    @classmethod
+    def from_config(cls, cfg) -> "Objective":
+        return cls()
+
+    def __call__(self, batch: "ObjectiveBatch"):
+        raise NotImplementedError
+
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r} is not one of {', '.join(OBJECTIVES)}; "
+                          "pick one with objective=<name> (configs/objective/).")
+    return OBJECTIVES[name]
+
+
+def names_where(**needs) -> list[str]:
+    """The registered objectives whose declarations match, e.g. names_where(needs_prefix_scores=False)."""
+    return [name for name, cls in OBJECTIVES.items() if all(getattr(cls, k) == v for k, v in needs.items())]
 
 
 def _group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -41,7 +84,8 @@ def _group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return (sums / counts)[group]
 
 
-class TrajectoryBalance:
+@register
+class TrajectoryBalance(Objective):
     """TB (Malkin et al. 2022):  L = mean_i (log Z(x_i) + log P_F(y_i|x_i) - log R(x_i, y_i))^2."""
 
     name = "tb"
@@ -52,13 +96,14 @@ class TrajectoryBalance:
         return residual.pow(2).mean(), {"residual": residual.detach()}
 
 
-class VarGrad:
+@register
+class VarGrad(Objective):
     """Log-partition variance (Richter et al. 2020; Zhang et al. 2023): for the K samples of a prompt,
         zeta = mean_k (log R_k - log P_F,k),   L = mean_k (log P_F,k + zeta - log R_k)^2,
     the variance of log P_F - log R within the prompt; needs no log Z and K >= 2."""
 
     name = "vargrad"
-    needs_log_z = False
+    min_samples_per_prompt = 2
 
     def __call__(self, batch: ObjectiveBatch):
         diff = batch.log_reward - batch.log_pf  # [N]
@@ -67,7 +112,8 @@ class VarGrad:
         return residual.pow(2).mean(), {"residual": residual.detach(), "log_z_estimate": zeta.detach()}
 
 
-class ModifiedSubTB:
+@register
+class ModifiedSubTB(Objective):
     """Modified SubTB (Hu et al. 2024, eq. 5): every prefix s_t may terminate with reward R(s_t ⊤).
     With  delta_t = log R(s_t⊤) + log P_F(y_t|s_t) + log P_F(⊤|s_{t+1}) - log R(s_{t+1}⊤) - log P_F(⊤|s_t)
     the loss is  sum_{i<j} lambda^(j-i) (sum_{t=i}^{j-1} delta_t)^2 / sum_{i<j} lambda^(j-i).
@@ -82,9 +128,14 @@ class ModifiedSubTB:
 
     name = "subtb"
     needs_log_z = True
+    needs_prefix_scores = True
 
     def __init__(self, subtb_lambda: float = 1.0):
         self.subtb_lambda = subtb_lambda
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModifiedSubTB":
+        return cls(cfg.subtb_lambda)
 
     def __call__(self, batch: ObjectiveBatch):
         n, width = batch.log_pf_tokens.shape
@@ -108,21 +159,29 @@ class ModifiedSubTB:
         return per_sample.mean(), {"residual": (full - _group_mean(full, batch.group)).detach()}
 
 
-class RLOO:
+@register
+class RLOO(Objective):
     """REINFORCE with a leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024), maximising
         r_k = score_k - kl_coef * (log P_F,k - log p_ref,k)
     with  A_k = r_k - mean_{j != k} r_j  over the K samples of a prompt,  L = -mean_k A_k log P_F,k.
     The reward-maximising baseline: its optimum concentrates on the best completions."""
 
     name = "rloo"
-    needs_log_z = False
+    on_policy_only = True
+    min_samples_per_prompt = 2
 
     def __init__(self, kl_coef: float = 0.0):
         self.kl_coef = kl_coef
+        self.needs_reference = bool(kl_coef)  # the KL term's log p_ref
+
+    @classmethod
+    def from_config(cls, cfg) -> "RLOO":
+        return cls(cfg.kl_coef)
 
     def __call__(self, batch: ObjectiveBatch):
         reward = batch.score.clone()
-        reward = torch.where(torch.isfinite(reward), reward, batch.log_reward)  # a violation scores the floor
+        # a violation scores the floor, in score units: log R = score / beta is floored at log_reward_min
+        reward = torch.where(torch.isfinite(reward), reward, batch.beta * batch.log_reward)
         if self.kl_coef and batch.log_ref is not None:
             reward = reward - self.kl_coef * (batch.log_pf.detach() - batch.log_ref)
         n_groups = int(batch.group.max()) + 1
@@ -130,7 +189,7 @@ class RLOO:
         counts = torch.zeros(n_groups, device=reward.device).index_add(0, batch.group, ones)[batch.group]
         sums = torch.zeros(n_groups, device=reward.device).index_add(0, batch.group, reward)[batch.group]
         if bool((counts < 2).any()):
-            raise ConfigError("objective=rloo needs trainer.samples_per_prompt >= 2 (a leave-one-out baseline).")
+            raise ConfigError(f"objective={self.name} needs trainer.samples_per_prompt >= 2 (a leave-one-out baseline).")
         advantage = reward - (sums - reward) / (counts - 1)
         loss = -(advantage.detach() * batch.log_pf).mean()
         return loss, {"residual": advantage.detach()}
@@ -176,21 +235,12 @@ class ConditionedLogZ(nn.Module):
                 {"params": list(self.net.parameters()), "lr": head_lr, "weight_decay": 0.0}]
 
 
-def build_objective(cfg):
-    name = cfg.name
-    if name == "tb":
-        return TrajectoryBalance()
-    if name == "vargrad":
-        return VarGrad()
-    if name == "subtb":
-        return ModifiedSubTB(cfg.subtb_lambda)
-    if name == "rloo":
-        return RLOO(cfg.kl_coef)
-    raise ConfigError(f"objective.name={name!r} is not one of tb, vargrad, subtb, rloo.")
+def build_objective(cfg) -> Objective:
+    return objective_class(cfg.name).from_config(cfg)
 
 
 def build_log_z(cfg, hidden_size: int) -> Optional[nn.Module]:
-    if cfg.name not in ("tb", "subtb"):
+    if not objective_class(cfg.name).needs_log_z:
         return None
     init = 0.0 if cfg.log_z_init is None else cfg.log_z_init  # None: set from the first batch
     if cfg.log_z == "scalar":

@@ -9,6 +9,7 @@ from omegaconf.errors import ConfigKeyError
 from conftest import CONFIGS, compose_cfg
 from gf_odg.errors import ConfigError
 from gf_odg.config.validation import validate
+from gf_odg.objectives import OBJECTIVES
 
 GROUPS = ["model", "task", "objective", "exploration", "trainer", "logger", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
@@ -17,7 +18,8 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yam
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_file_composes_and_validates(group, option):
     override = f"{group}={option}"
-    cfg = compose_cfg([override])
+    on_policy = group == "objective" and OBJECTIVES[option].on_policy_only  # the default explores
+    cfg = compose_cfg([override, *(["exploration=on_policy"] if on_policy else [])])
     validate(cfg)
     assert cfg.model.name and cfg.task.name and cfg.objective.name
 
@@ -89,3 +91,38 @@ def test_replay_enabled_with_zero_capacity():
     cfg = compose_cfg(["exploration.replay.enabled=true", "exploration.replay.capacity=0"])
     with pytest.raises(ConfigError, match="exploration.replay.capacity"):
         validate(cfg)
+
+
+def test_every_objective_file_is_registered_and_every_registered_objective_has_a_file():
+    files = {p.stem for p in (CONFIGS / "objective").glob("*.yaml")}
+    assert files == set(OBJECTIVES)
+    for name in files:
+        assert compose_cfg([f"objective={name}"]).objective.name == name
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    ([], ["exploration.p_temper", "exploration.epsilon"]),  # the default exploration tempers and mixes
+    (["exploration=on_policy", "exploration.epsilon=0.1"], ["exploration.epsilon"]),
+    (["exploration=on_policy", "exploration.p_temper=1", "exploration.temper_hi=2"], ["exploration.p_temper"]),
+    (["exploration=replay", "exploration.p_temper=0", "exploration.epsilon=0"], ["exploration.replay.enabled"]),
+    (["experiment=rng_tb"], ["exploration.p_temper", "exploration.epsilon"]),
+])
+def test_an_on_policy_objective_refuses_exploration_naming_the_keys(overrides, keys):
+    cfg = compose_cfg([*overrides, "objective=rloo"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    text = str(err.value)
+    assert "objective=rloo is on-policy only" in text and "exploration=on_policy" in text
+    for key in keys:
+        assert key in text
+    unnamed = {"exploration.p_temper", "exploration.epsilon", "exploration.replay.enabled"} - set(keys)
+    assert not any(f"{key}=" in text for key in unnamed), text  # only the settings that are on
+
+
+@pytest.mark.parametrize("overrides", [
+    ["objective=rloo", "exploration=on_policy"],
+    ["objective=rloo", "exploration=on_policy", "exploration.p_temper=1"],  # temperature 1 in [1, 1]: on-policy
+    ["objective=tb"], ["objective=vargrad", "exploration=replay"],  # off-policy objectives may explore
+])
+def test_on_policy_settings_and_off_policy_objectives_validate(overrides):
+    validate(compose_cfg(overrides))

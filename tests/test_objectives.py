@@ -114,7 +114,9 @@ def test_tb_reaches_the_target_from_a_tempered_behaviour_policy(tmp_path):
 
 def test_rloo_concentrates_far_from_the_target(tmp_path):
     """The contrast that motivates the project: reward maximisation collapses onto the best answers."""
-    cfg = enumerable_cfg(tmp_path, "rloo", extra=["trainer.max_steps=400", *EXACT])
+    # RLOO is on-policy only (validation refuses exploration for it): it samples from P_F itself
+    cfg = enumerable_cfg(tmp_path, "rloo", extra=["trainer.max_steps=400", "trainer.lr_schedule=cosine",
+                                                  "exploration=on_policy"])
     trainer = _train(cfg, tmp_path)
     assert min(exact_tvs(trainer)) >= 0.5
 
@@ -129,3 +131,19 @@ def test_log_z_can_start_from_the_first_batch(cfg_factory, tmp_path):
     # With negligible learning rates, log Z stays where the first batch put it: the mean residual is 0.
     assert abs(metrics["residual/mean"]) < 1e-3
     assert abs(float(trainer.log_z.value.detach()) - metrics["log_z"]) < 1e-3 and abs(metrics["log_z"]) > 1.0
+
+
+def test_rloo_floors_a_violation_in_score_units():
+    """log R = score / beta is floored at log_reward_min; a -inf score enters RLOO's reward as
+    beta * log_reward_min (score units), not as the floor in log R units."""
+    from gf_odg.log_reward import log_reward
+
+    beta, floor = 2.0, -50.0
+    score = torch.tensor([1.0, float("-inf"), 3.0])
+    log_pf = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_reward(score, beta, floor), score=score,
+                           group=torch.zeros(3, dtype=torch.long), beta=beta)
+    _, diag = RLOO()(batch)
+    reward = [1.0, beta * floor, 3.0]
+    advantage = [r - (sum(reward) - r) / 2 for r in reward]
+    assert diag["residual"].tolist() == pytest.approx(advantage)

@@ -99,8 +99,8 @@ class TaskConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = MISSING  # tb | vargrad | subtb | rloo
-    log_z: str = "scalar"  # scalar | conditioned (tb only)
+    name: str = MISSING  # a key of gf_odg.objectives.OBJECTIVES (configs/objective/<name>.yaml)
+    log_z: str = "scalar"  # scalar | conditioned (objectives that need a log Z)
     log_z_init: Optional[float] = 0.0  # null: from the first batch, mean(log R - log P_F)
     log_z_hidden: int = 64
     beta: float = 1.0  # reward temperature: log R = score / beta + lambda * log p_ref

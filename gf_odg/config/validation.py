@@ -8,8 +8,19 @@ from __future__ import annotations
 import math
 
 from gf_odg.errors import ConfigError
+from gf_odg.objectives import OBJECTIVES
 
-OBJECTIVES = ("tb", "vargrad", "subtb", "rloo")
+
+def off_policy_keys(x) -> list[str]:
+    """The exploration settings (as key=value) that make the behaviour policy differ from P_F."""
+    keys = []
+    if x.p_temper > 0 and not (x.temper_lo == 1 == x.temper_hi):
+        keys.append(f"exploration.p_temper={x.p_temper} (temperatures in [{x.temper_lo}, {x.temper_hi}])")
+    if x.epsilon > 0 or (x.epsilon_end or 0) > 0:
+        keys.append(f"exploration.epsilon={x.epsilon}" + (f" (epsilon_end={x.epsilon_end})" if x.epsilon_end else ""))
+    if x.replay.enabled:
+        keys.append("exploration.replay.enabled=true")
+    return keys
 
 
 def validate(cfg) -> None:
@@ -47,9 +58,18 @@ def validate(cfg) -> None:
     need(o.log_z in ("scalar", "conditioned"), "objective.log_z", o.log_z, "scalar or conditioned")
     need(o.subtb_lambda > 0, "objective.subtb_lambda", o.subtb_lambda, "> 0")
     need(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")
-    if o.name in ("vargrad", "rloo"):
-        need(t.samples_per_prompt >= 2, "trainer.samples_per_prompt", t.samples_per_prompt,
-             f">= 2 for objective={o.name} (it compares the K samples of a prompt)")
+    objective = OBJECTIVES.get(o.name)
+    if objective is not None and objective.min_samples_per_prompt > 1:
+        need(t.samples_per_prompt >= objective.min_samples_per_prompt, "trainer.samples_per_prompt",
+             t.samples_per_prompt, f">= {objective.min_samples_per_prompt} for objective={o.name} "
+             "(it compares the K samples of a prompt)")
+    if objective is not None and objective.on_policy_only:
+        off_policy = off_policy_keys(x)
+        if off_policy:
+            problems.append(
+                f"objective={o.name} is on-policy only (its loss is unbiased only for samples drawn from the "
+                f"policy itself), but {', '.join(off_policy)} sample off-policy: add exploration=on_policy "
+                "(or set those to 0 / false)")
 
     need(task.max_new_tokens >= 1, "task.max_new_tokens", task.max_new_tokens, ">= 1")
     need(task.evaluation.n_samples >= 1, "task.evaluation.n_samples", task.evaluation.n_samples, ">= 1")

@@ -11,52 +11,19 @@ flushed, then renamed into place; the `latest` pointer moves after it. A folder 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from gf_odg.errors import CheckpointError
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+from gf_odg.io.atomic import write_atomic_text, write_folder
 
 
 def write_folder_atomic(dest: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling of `dest`, fsync it, then rename it into place (replacing nothing)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        fill(tmp)
-        _fsync_tree(tmp)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    """A folder written atomically, replacing one already there (scripts/prepare_model.py imports it)."""
+    return write_folder(dest, fill, exists="replace")
 
 
 def save_checkpoint(run_dir: Path, step: int, model, state: dict, config_yaml: str, keep: int,
@@ -68,7 +35,7 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, config_yaml: s
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         (tmp / "COMPLETE").write_text(json.dumps({"step": step}), encoding="utf-8")
 
-    dest = write_folder_atomic(run_dir / f"step_{step:06d}", fill)
+    dest = write_folder(run_dir / f"step_{step:06d}", fill, exists="replace")
     write_atomic_text(run_dir / "latest", dest.name + "\n")
     for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -18,14 +18,13 @@ import contextlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gf_odg.errors import ConfigError, GFODGError
+from gf_odg.io.atomic import write_folder
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +47,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ConfigError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}.")
     return _DTYPES[name]
-
-
-def _atomic_folder(dest: Path, build) -> Path:
-    """Build a folder in a temporary sibling and rename it into place, so a crash leaves nothing."""
-    if dest.exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process won the race: keep theirs
-            if not dest.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def embedded_gguf_dir() -> Path:
@@ -97,7 +77,7 @@ def prepare_embedded(dest: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(dest, build)
+    return write_folder(dest, build, exists="keep")  # converted once; a later or concurrent run keeps it
 
 
 def prepare_tiny_random(dest: Path, tiny: DictConfig, tokenizer_dir: Path) -> Path:
@@ -127,7 +107,7 @@ def prepare_tiny_random(dest: Path, tiny: DictConfig, tokenizer_dir: Path) -> Pa
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return _atomic_folder(dest, build)
+    return write_folder(dest, build, exists="keep")  # converted once; a later or concurrent run keeps it
 
 
 def base_model_path(model_cfg: DictConfig, paths: DictConfig) -> str:
@@ -295,10 +275,24 @@ def attach_lora(model, model_cfg: DictConfig):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none",
     )
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError is a ValueError
+        if "not found in the base model" not in str(err) and "NoMatchingPeftModule" not in type(err).__name__:
+            raise
+        raise ConfigError(
+            f"model.lora.target_modules={list(lora.target_modules)}: not found in {type(model).__name__}. "
+            f"Its linear layers are named: {', '.join(linear_module_names(model))}; pick from those.") from None
     # Read by scoring.completion_hidden, which switches the layers' checkpointing on per pass.
     model.gf_odg_checkpointing = bool(model_cfg.gradient_checkpointing)
     return model
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's Linear layers (what LoRA's target_modules match), sorted."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear")}
+    return sorted(n for n in names if n)
 
 
 def load_policy(model_cfg: DictConfig, paths: DictConfig, device: torch.device):

@@ -18,12 +18,13 @@ def new_valid_texts(batch, dist: Dist) -> list[str]:
     return [text for part in dist.gather(new) for text in part]
 
 
-def step_metrics(batch, result, grad_norm: float, *, lr: float, max_new_tokens: int, distinct_valid: int,
+def step_metrics(batch, result, grad_norms: dict, *, lr: float, max_new_tokens: int, distinct_valid: int,
                  nonfinite_total: int, reward=None, replay=None, log_reward_fn=None) -> dict:
-    """batch: a StepBatch; result: the step's Loss (gf_odg/training/step.py)."""
+    """batch: a StepBatch; result: the step's Loss (gf_odg/training/step.py); grad_norms: "lora" and
+    (with a log Z) "log_z" gradient norms before clipping."""
     traj, score = batch.traj, batch.score
     log_pf, log_r, log_z, diag = result.log_pf, result.log_reward, result.log_z, result.diagnostics
-    finite = math.isfinite(grad_norm) and result.finite
+    finite = result.finite and all(math.isfinite(n) for n in grad_norms.values())
     valid = torch.isfinite(score)
     group = traj.group.to(log_pf.device)
     ratio = (log_r - log_pf).detach()
@@ -48,15 +49,18 @@ def step_metrics(batch, result, grad_norm: float, *, lr: float, max_new_tokens: 
         "completion/length_mean": float(traj.lengths.float().mean()),
         "completion/eos_fraction": float((traj.lengths < max_new_tokens).float().mean()),
         "completion/unique_fraction": len(set(traj.texts)) / max(1, len(traj.texts)),
-        "grad_norm": grad_norm,
+        "grad_norm": grad_norms["lora"],  # LoRA's
         "lr": lr,
         "nonfinite_steps": nonfinite_total,
         "skipped_step": 0.0 if finite else 1.0,
         "exploration/temperature_mean": batch.temperature_mean,
         "exploration/epsilon": batch.epsilon,
         "exploration/replay_fraction": float(batch.from_replay.float().mean()),
-        "exploration/fresh_unique_fraction": len({t for t, f in zip(traj.texts, fresh) if f}) / max(1, int(fresh.sum())),
+        "exploration/fresh_unique_fraction":
+            len({t for t, f in zip(traj.texts, fresh) if f}) / max(1, int(fresh.sum())),
     }
+    if "log_z" in grad_norms:
+        m["grad_norm/log_z"] = grad_norms["log_z"]
     if log_z is not None:
         m["log_z"] = float(log_z.detach().mean())
     elif "log_z_estimate" in diag:

@@ -1,5 +1,11 @@
 """The optimiser: parameter groups (LoRA, log Z), AdamW or paged 8-bit AdamW, the LR schedule, and one
-update (average over processes, clip, step, schedule)."""
+update (average over processes, clip, step, schedule).
+
+The LoRA and log Z gradients are clipped separately, each to `trainer.grad_clip`: log Z's early
+gradients (~100, while log Z travels to log of the partition function) would otherwise shrink the
+LoRA step by as much. The warm-up and decay apply to the LoRA learning rate only; log Z keeps
+`trainer.log_z_lr` (a decayed log Z rate would leave it short of the partition function it tracks).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,16 @@ def param_groups(model, log_z, tcfg) -> list[dict]:
         groups += log_z.param_groups(tcfg.log_z_lr, tcfg.log_z_head_lr)
     elif log_z is not None:
         groups.append({"params": list(log_z.parameters()), "lr": tcfg.log_z_lr, "weight_decay": 0.0})
+    for i, group in enumerate(groups):
+        group["part"] = LORA if i == 0 else LOG_Z
     return groups
+
+
+LORA, LOG_Z = "lora", "log_z"
+
+
+def part_params(optimizer, part: str) -> list:
+    return [p for g in optimizer.param_groups if g.get("part", LORA) == part for p in g["params"]]
 
 
 def build_optimizer(name: str, groups: list, device: torch.device):
@@ -52,15 +67,30 @@ def lr_factor(tcfg):
 
 
 def build_scheduler(optimizer, tcfg):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(tcfg))
+    """`lr_factor` on the LoRA group; log Z's groups keep their learning rate."""
+    factor = lr_factor(tcfg)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [factor if g.get("part", LORA) == LORA else _constant for g in optimizer.param_groups])
 
 
-def apply_update(optimizer, scheduler, dist, grad_clip: float) -> float:
-    """Average the gradients over processes, clip, step: the gradient norm (NaN or inf: nothing moved)."""
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def apply_update(optimizer, scheduler, dist, grad_clip: float) -> dict[str, float]:
+    """Average the gradients over processes, clip LoRA and log Z each to `grad_clip`, step. Returns
+    each part's gradient norm before clipping; when one is NaN or inf, nothing moved."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    dist.average_gradients(params)  # data parallel: the mean gradient over processes
-    grad_norm = dist.clip_grad_norm(params, grad_clip)
-    if math.isfinite(grad_norm):
+    # processes: a parameter without a gradient on every process keeps none (the averaging would
+    # give it zeros, and AdamW moves a parameter with a zero gradient: momentum, weight decay)
+    had = [any(flags) for flags in zip(*dist.gather([p.grad is not None for p in params]))]
+    dist.average_gradients(params)  # processes: the mean gradient
+    for p, had_grad in zip(params, had):
+        if not had_grad:
+            p.grad = None
+    norms = {part: dist.clip_grad_norm(ps, grad_clip)
+             for part in (LORA, LOG_Z) if (ps := part_params(optimizer, part))}
+    if all(math.isfinite(n) for n in norms.values()):
         optimizer.step()
         scheduler.step()
-    return grad_norm
+    return norms

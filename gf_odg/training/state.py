@@ -17,6 +17,7 @@ import torch
 from gf_odg.distributed import Dist
 from gf_odg.errors import CheckpointError
 from gf_odg.io import checkpoints
+from gf_odg.io.atomic import write_folder
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ def save_adapter(model, dest: Path, state: Optional[dict] = None) -> Path:
     """The final adapter, loadable by plain `PeftModel.from_pretrained(base, dest)`; written atomically.
     state: the trainable tensors whole, where the model holds only shards of them (FSDP)."""
     extra = {"state_dict": state} if state is not None else {}
-    return checkpoints.write_folder_atomic(dest, lambda tmp: model.save_pretrained(tmp, **extra))
+    # replace: the trainer refuses an existing adapter up front unless the run is resumed
+    return write_folder(dest, lambda tmp: model.save_pretrained(tmp, **extra), exists="replace")
 
 
 def _numpy_state_to_plain(state) -> list:

@@ -25,7 +25,7 @@ from gf_odg.generation.sampling import Trajectories, decoder_and_head, run_decod
 from gf_odg.generation.scoring import score_completions
 from gf_odg.log_reward import beta_at, log_reward, log_reward_fn
 from gf_odg.model.loading import reference_mode
-from gf_odg.objectives import ObjectiveBatch
+from gf_odg.objectives import Objective, ObjectiveBatch
 from gf_odg.rewards.base import call_reward
 
 
@@ -48,7 +48,7 @@ class StepParts:
     tokenizer: Any
     reward: Any
     task: Any
-    objective: Callable  # ObjectiveBatch -> (loss, diagnostics)
+    objective: Objective  # ObjectiveBatch -> (loss, diagnostics), with its declared needs
     log_z: Optional[torch.nn.Module]
     prompt_features: Callable[[list[int]], torch.Tensor]  # task prompt indices -> [P, H]
     replay: Optional[Any]
@@ -161,8 +161,8 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
     traj, dev, policy = batch.traj, parts.device, parts.policy
     group = traj.group.to(dev)
     beta = beta_at(ocfg, step)
-    needs_ref = ocfg.ref_weight != 0 or (ocfg.name == "rloo" and ocfg.kl_coef)
-    want_eos = ocfg.name == "subtb"
+    needs_ref = ocfg.ref_weight != 0 or parts.objective.needs_reference
+    want_eos = parts.objective.needs_prefix_scores  # log P_F(EOS | s_t) at every state, and prefix rewards
     log_ref = None
     ref_lp = None
     tokens, lengths = traj.tokens.to(dev), traj.lengths.to(dev)
@@ -200,7 +200,7 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
             parts.log_z.initialise(parts.dist.mean(float((log_r - log_pf.detach()).mean())))
         log_z = parts.log_z(parts.prompt_features(batch.prompt_indices))[group]
     obj_batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_r.detach(), score=score, group=group, log_z=log_z,
-                               log_ref=log_ref, lengths=traj.lengths.to(dev))
+                               log_ref=log_ref, lengths=traj.lengths.to(dev), beta=beta)
     if want_eos:
         obj_batch.log_pf_tokens = lp.token.float()
         obj_batch.log_pf_stop = lp.eos.float()

@@ -31,7 +31,7 @@ from gf_odg.io import checkpoints
 from gf_odg.io.tracking import Tracker
 from gf_odg.log_reward import beta_at, log_reward_fn
 from gf_odg.model.loading import load_policy, model_summary, resolve_device
-from gf_odg.objectives import build_log_z, build_objective
+from gf_odg.objectives import build_log_z, build_objective, names_where
 from gf_odg.training import metrics as step_metrics
 from gf_odg.training import optim, state
 from gf_odg.training.optim import build_optimizer, lr_factor  # noqa: F401 - re-exported
@@ -100,11 +100,12 @@ class Trainer:
         self.reward, self.model, self.tokenizer, self.base_path, self.task = build_policy_and_task(cfg, self.device)
         if self.dist.is_main:
             self.dist.barrier()
-        if cfg.objective.name == "subtb" and not hasattr(self.reward, "score_prefixes"):
-            raise ConfigError(
-                f"objective=subtb needs a reward that scores every prefix (a `score_prefixes` method); "
-                f"task.reward {type(self.reward).__name__} has none. Use objective=tb or vargrad.")
         self.objective = build_objective(cfg.objective)
+        if self.objective.needs_prefix_scores and not hasattr(self.reward, "score_prefixes"):
+            raise ConfigError(
+                f"objective={self.objective.name} needs a reward that scores every prefix (a `score_prefixes` "
+                f"method); task.reward {type(self.reward).__name__} has none. Use objective="
+                f"{' or '.join(names_where(needs_prefix_scores=False, on_policy_only=False))}.")
         if cfg.exploration.epsilon > 0 and self.task.constraints.allowed is None and self.dist.is_main:
             log.warning(
                 "exploration.epsilon=%s with no allowed-token set: epsilon-uniform mixes over all %d tokens, which "
@@ -158,14 +159,14 @@ class Trainer:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         result = loss_and_backward(self.parts, self.cfg, batch, self.global_step)
-        grad_norm = float("nan")
+        norms = {optim.LORA: float("nan")}
         if result.finite:
-            grad_norm = optim.apply_update(self.optimizer, self.scheduler, self.dist, self.cfg.trainer.grad_clip)
-        self._count_nonfinite(math.isfinite(grad_norm))
+            norms = optim.apply_update(self.optimizer, self.scheduler, self.dist, self.cfg.trainer.grad_clip)
+        self._count_nonfinite(all(math.isfinite(n) for n in norms.values()))
         t1 = time.perf_counter()
         self.found.update(step_metrics.new_valid_texts(batch, self.dist))
         metrics = step_metrics.step_metrics(
-            batch, result, grad_norm, lr=self.scheduler.get_last_lr()[0],
+            batch, result, norms, lr=self.scheduler.get_last_lr()[0],
             max_new_tokens=self.task.constraints.max_new_tokens, distinct_valid=len(self.found),
             nonfinite_total=self.nonfinite_total, reward=self.reward, replay=self.replay,
             log_reward_fn=log_reward_fn(self.cfg.objective, self.global_step))
@@ -203,9 +204,10 @@ class Trainer:
         return result
 
     def _evaluate(self, tag: str) -> dict:
+        """Against the target the run trains toward: the reward at the final beta (before and after alike)."""
         ecfg = self.cfg.task.evaluation
         result, rows = evaluate(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
-                                beta=beta_at(self.cfg.objective, self.global_step), seed=self.cfg.seed + 1000,
+                                beta=beta_at(self.cfg.objective, self.cfg.trainer.max_steps), seed=self.cfg.seed + 1000,
                                 share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact)
         self.tracker.log({f"eval_{tag}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
                          step=self.global_step)
