@@ -119,7 +119,9 @@ class ModifiedSubTB(Objective):
     the loss is  sum_{i<j} lambda^(j-i) (sum_{t=i}^{j-1} delta_t)^2 / sum_{i<j} lambda^(j-i).
     The inner sum telescopes to phi_i - phi_j with
         phi_t = log R(s_t⊤) - log P_F(⊤|s_t) - sum_{u<t} log P_F(y_u|s_u),
-    so only states that may terminate (EOS allowed, finite reward) enter a pair. The prompt state
+    so only states that may terminate enter a pair: every state where EOS is allowed, with its
+    floored prefix reward (a violation is a terminal state with a tiny reward, not a missing one:
+    leaving it out lets the learned log Z absorb invalid mass at zero loss). The prompt state
     s_0 usually cannot terminate (an empty completion is masked); its flow is then the learned
     log Z(x), phi_0 = log Z(x), which anchors the first token's distribution (without it the first
     step is never constrained: measured TV 0.24 to the target with a loss near 0)."""
@@ -140,8 +142,9 @@ class ModifiedSubTB(Objective):
         before = torch.cumsum(batch.log_pf_tokens, dim=1) - batch.log_pf_tokens  # [N, T] sum_{u<t}
         phi = batch.prefix_log_reward - batch.log_pf_stop - before  # [N, T]
         t = torch.arange(width, device=phi.device)
-        usable = (t.unsqueeze(0) < batch.lengths.unsqueeze(1)) & torch.isfinite(batch.log_pf_stop) \
-            & torch.isfinite(batch.prefix_log_reward)
+        usable = (t.unsqueeze(0) < batch.lengths.unsqueeze(1)) & torch.isfinite(batch.log_pf_stop)  # EOS allowed
+        if not bool(torch.isfinite(batch.prefix_log_reward[usable]).all()):
+            raise ValueError("ModifiedSubTB: prefix_log_reward must be floored (finite) wherever EOS is allowed.")
         phi = torch.where(usable, phi, torch.zeros_like(phi))
         if batch.log_z is not None:  # s_0 cannot terminate: its flow is log Z(x)
             anchor = ~usable[:, 0]

@@ -6,7 +6,9 @@ buffer re-tempers itself without touching what it stores.
 
 Scope: with `scope="prompt"` each prompt has its own pool of `capacity` entries (Hu et al. 2024 keep
 a per-prompt top-k); with `scope="global"` all prompts share one pool of `capacity` (Lee et al.).
-Either way `sample(prompt)` draws only that prompt's entries and `sample(None)` draws from all.
+Either way `sample(prompt)` draws only that prompt's entries, and the trainer always asks with the
+prompt: a replayed trajectory is trained under the prompt it was scored with, never attached to another
+(its score, R(x', y), would be wrong there). `sample(None)` draws from all prompts, for inspection.
 
 Deduplication is always between entries of the same prompt:
   - exact: an identical token sequence never enters twice; a higher score raises the stored one.

@@ -115,7 +115,9 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
     replayed = []  # (row, entry)
     if n_replay and parts.replay is not None:
         for row, i in enumerate(indices):
-            key = task.prompts[i] if cfg.exploration.replay.scope == "prompt" else None
+            # Always this prompt's entries, whatever the scope: a trajectory is trained under the prompt
+            # it was scored with (a global pool shares memory and priorities, not (x, y, R) triples).
+            key = task.prompts[i]
             if parts.replay.size(key) > 0:
                 replayed += [(row, e) for e in parts.replay.sample(key, n_replay, behaviour_gen,
                                                                     log_reward_fn(cfg.objective, step))]
@@ -165,9 +167,7 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
     ref_lp = None
     tokens, lengths = traj.tokens.to(dev), traj.lengths.to(dev)
     if needs_ref:
-        with torch.no_grad(), reference_mode(policy):
-            ref_lp = score_completions(policy, batch.prompts, group, tokens, lengths, constraints, constraints.eos_id,
-                                       tcfg.share_prompt_prefill, tcfg.score_chunk_rows, want_eos=want_eos)
+        ref_lp = reference_log_probs(policy, ocfg, tcfg, batch.prompts, group, tokens, lengths, constraints, want_eos)
         log_ref = ref_lp.total().float()
     score = batch.score.to(dev)
     log_r = log_reward(score, beta, ocfg.log_reward_min, ocfg.ref_weight, log_ref)
@@ -214,6 +214,18 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
     return Loss(loss, log_pf, log_r, log_z, diag, beta, finite)
 
 
+@torch.no_grad()
+def reference_log_probs(policy, ocfg, tcfg, prompts, group, tokens, lengths, constraints, want_eos: bool):
+    """log p_ref per completion token (and of EOS at each state, for SubTB's prefix rewards): the
+    base model (adapters off) over its whole vocabulary, unmasked, the completion's EOS included, so
+    that log p_ref(y|x) is the prior users mean, forced stops costing what the base model says.
+    `objective.ref_masked=true` renormalises over the constraint mask instead (a different target)."""
+    mask = constraints if ocfg.get("ref_masked", False) else None
+    with reference_mode(policy):
+        return score_completions(policy, prompts, group, tokens, lengths, mask, constraints.eos_id,
+                                 tcfg.share_prompt_prefill, tcfg.score_chunk_rows, want_eos=want_eos)
+
+
 def _backward_micro_batches(score_rows, leaves, n: int, micro: int) -> None:
     for start in range(0, n, micro):
         rows = slice(start, min(n, start + micro))
@@ -243,12 +255,13 @@ def _prefix_log_rewards(parts: StepParts, ocfg, batch: StepBatch, beta: float, r
     if ref_lp is not None and ocfg.ref_weight:
         before = torch.cumsum(ref_lp.token, 1) - ref_lp.token
         log_ref = before + ref_lp.eos  # log p_ref(y_<t, EOS)
-    floor = ocfg.log_reward_min
     value = scores[:, :width] / beta
     if log_ref is not None:
         value = value + ocfg.ref_weight * log_ref
-    # -inf stays -inf here: such a prefix cannot terminate and is left out of SubTB's pairs.
-    return torch.where(torch.isfinite(value), value.clamp(min=floor), value)
+    # Floored like every log R: a prefix scoring -inf (a violation) is still a state that may
+    # terminate wherever EOS is allowed, with a tiny reward, so SubTB pushes its EOS down as TB does.
+    # (States whose EOS is masked are left out by the objective, from log P_F(EOS) = -inf.)
+    return torch.nan_to_num(value, nan=ocfg.log_reward_min, neginf=ocfg.log_reward_min).clamp(min=ocfg.log_reward_min)
 
 
 def add_to_replay(replay, batch: StepBatch, ocfg, step: int) -> None:
