@@ -162,7 +162,8 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
     """Processes seeded differently (seed=${oc.env:RANK}: as on a first run, where rank 0 alone converts the base
     model and so draws from the RNG before the LoRA init) build different LoRA and log Z weights; after
     Dist.broadcast_trainable they all hold rank 0's, bit for bit, at step 0 and after training. Then train.py:
-    the same adapter and log Z as the worker, which it gives only if the Trainer broadcasts too."""
+    the same adapter and log Z as the worker, which it gives only if the Trainer broadcasts too (Trainer.setup
+    calls Dist.broadcast_trainable before Dist.shard)."""
     common = [*TINY, "seed=${oc.env:RANK}", "objective.log_z=conditioned", "trainer.max_steps=2",
               "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=2",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
@@ -210,7 +211,8 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
 @pytest.mark.slow
 def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weights(tmp_path):
     """Three prompts, one per process per step, 10 steps: under FSDP every process makes the same forward calls
-    (hung after step 1 before the fix), and ends with the data-parallel run's adapter and log Z."""
+    (hung after step 1 before the fix: the log Z prompt features ran only for prompts not cached on that
+    process), and ends with the data-parallel run's adapter and log Z."""
     common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.max_steps=10", "trainer.prompts_per_step=1",
               "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=10",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
