@@ -4,45 +4,20 @@ and FSDP; every process starts from rank 0's trainable weights; a process out of
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY, compose_cfg, run_train
+from multiprocess import launch, load_trained, train_on_two_processes
 from gf_odg.io.tracking import read_offline_run
 
 STEPS = ["trainer.max_steps=4", "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list[str], tmp_path, timeout: int = 600, config: str = "ddp.yaml", env: dict | None = None):
-    """Two processes under `accelerate launch --config_file configs/accelerate/<config>`, on a free port (test
-    workers run side by side: the default port 29500 would be taken by the first launch)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), *args]
-    # Its own process group: on a timeout the training processes go too, not only the launcher (a hung process
-    # would otherwise keep spinning after the test).
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return launch(args, timeout=timeout, config=config, env=env)
 
 
 def _fsdp_launch(args: list[str], tmp_path):
@@ -96,15 +71,8 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
 
     # The uninterrupted run through tests/ddp_worker.py (the Trainer, as train.py runs it), which also saves each
     # process's trainable parameters after training.
-    straight = _launch([str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "straight"), *common,
-                        "trainer.max_steps=4", "run_name=straight"], tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    ranks = [torch.load(tmp_path / "straight" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert [r["world_size"] for r in ranks] == [2, 2]
-    p0, p1 = ranks[0]["params"], ranks[1]["params"]
-    assert p0.keys() == p1.keys() and any(k.startswith("log_z.") for k in p0)
-    for key in p0:
-        assert torch.equal(p0[key], p1[key]), key  # bit for bit
+    p0 = train_on_two_processes([*common, "trainer.max_steps=4", "run_name=straight"], tmp_path / "straight")
+    assert any(k.startswith("log_z.") for k in p0)  # and equal on both processes, bit for bit
     assert any(float(v.abs().max()) > 0 for k, v in p0.items() if "lora_B" in k)  # training moved B (starts at 0)
     cut_and_resume(_launch, "cut")
     from safetensors.torch import load_file
@@ -194,7 +162,8 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
     """Processes seeded differently (seed=${oc.env:RANK}: as on a first run, where rank 0 alone converts the base
     model and so draws from the RNG before the LoRA init) build different LoRA and log Z weights; after
     Dist.broadcast_trainable they all hold rank 0's, bit for bit, at step 0 and after training. Then train.py:
-    the same adapter and log Z as the worker, which it gives only if the Trainer broadcasts too."""
+    the same adapter and log Z as the worker, which it gives only if the Trainer broadcasts too (Trainer.setup
+    calls Dist.broadcast_trainable before Dist.shard)."""
     common = [*TINY, "seed=${oc.env:RANK}", "objective.log_z=conditioned", "trainer.max_steps=2",
               "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=2",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
@@ -212,6 +181,16 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
         assert torch.equal(r1["start"][key], r0["built"][key]), key  # rank 1 holds rank 0's, bit for bit
         assert torch.equal(r0["params"][key], r1["params"][key]), key  # and both still agree after training
     assert any(float(r0["params"][k].abs().max()) > 0 for k in keys if "lora_B" in k)  # training moved B
+    # The weights load into a policy built here from the same config (as the exactness matrix reads them).
+    from gf_odg.model.loading import load_policy
+    from gf_odg.objectives import build_log_z
+
+    cfg = compose_cfg([o for o in common if not o.startswith("seed=")])  # RANK is unset here
+    model, _, _ = load_policy(cfg.model, cfg.paths, torch.device("cpu"))
+    log_z = build_log_z(cfg.objective, model.get_base_model().config.hidden_size)
+    load_trained(model, log_z, r0["params"])
+    assert all(torch.equal(p, r0["params"][n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert torch.equal(log_z.offset.detach(), r0["params"]["log_z.offset"])
 
     # train.py, as users launch it: the Trainer must broadcast as the worker did.
     trained = _launch([str(ROOT / "train.py"), *common, "run_name=t", f"hydra.run.dir={tmp_path}/t"], tmp_path,
@@ -232,7 +211,8 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
 @pytest.mark.slow
 def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weights(tmp_path):
     """Three prompts, one per process per step, 10 steps: under FSDP every process makes the same forward calls
-    (hung after step 1 before the fix), and ends with the data-parallel run's adapter and log Z."""
+    (hung after step 1 before the fix: the log Z prompt features ran only for prompts not cached on that
+    process), and ends with the data-parallel run's adapter and log Z."""
     common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.max_steps=10", "trainer.prompts_per_step=1",
               "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=10",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
