@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from gf_odg.config.schema import register_configs  # noqa: E402
-from gf_odg.distributed import Dist, launch_time, share_launch_time  # noqa: E402
+from gf_odg.distributed import Dist, collective_errors, launch_time, share_launch_time  # noqa: E402
 from gf_odg.errors import GFODGError  # noqa: E402
 
 register_configs()
@@ -59,8 +59,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = Trainer(cfg, run_dir)
     exit_code = 1
     try:
-        trainer.setup()
-        summary = trainer.train()
+        with collective_errors():  # a process out of step: one clear line, not a traceback
+            trainer.setup()
+            summary = trainer.train()
         exit_code = 0
     finally:
         trainer.close(exit_code)
@@ -76,6 +77,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tmp.replace(run_dir / "eval.json")
     print(f"\nEvaluation of {cfg.task.name} ({cfg.task.evaluation.n_samples} samples):")
     print(format_table(summary["before"], summary["after"]))
+    from gf_odg.evaluation.report import format_samples
+
+    for tag, rows in summary.get("rows", {}).items():
+        print("\n" + format_samples(rows, k=5, title=f"samples {tag}"))
     print(f"\nadapter: {summary['adapter']}\nrun dir: {run_dir}")
     return result
 

@@ -16,7 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 TABLE_KEYS = ("valid_fraction", "score_mean", "unique_fraction", "distinct", "n_modes", "kl_to_target",
-              "tv_to_target", "mode_entropy", "exact_kl", "exact_tv", "exact_valid_mass")
+              "tv_to_target", "mode_entropy", "exact_kl", "exact_reverse_kl", "exact_tv", "exact_valid_mass",
+              "exact_min_ratio", "exact_starved")
 
 
 def prepare_environment() -> None:

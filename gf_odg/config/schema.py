@@ -123,6 +123,7 @@ class ObjectiveConfig:
     beta_schedule: str = "constant"  # constant | linear | cosine
     beta_steps: int = 0
     ref_weight: float = 0.0  # lambda
+    ref_masked: bool = False  # p_ref under the constraint mask (renormalised) instead of the base model's own
     log_reward_min: float = -50.0
     subtb_lambda: float = 1.0
     kl_coef: float = 0.0  # rloo only
@@ -170,7 +171,7 @@ class TrainerConfig:
     lr_schedule: str = "constant"  # constant | linear | cosine (after warm-up, to min_lr_ratio * lr)
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    share_prompt_prefill: bool = True
+    share_prompt_prefill: Any = "auto"  # true | false | auto (gf_odg/generation/sampling.py: resolve_share_prefill)
     score_chunk_rows: int = 128
     micro_batch_size: int = 0  # 0: score the whole batch at once; else accumulate over micro-batches
     checkpoint_every: int = 50

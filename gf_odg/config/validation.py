@@ -47,6 +47,8 @@ def validate(cfg) -> None:
     need(t.score_chunk_rows >= 1, "trainer.score_chunk_rows", t.score_chunk_rows, ">= 1")
     need(t.micro_batch_size >= 0, "trainer.micro_batch_size", t.micro_batch_size, ">= 0")
     need(t.max_nonfinite_steps >= 1, "trainer.max_nonfinite_steps", t.max_nonfinite_steps, ">= 1")
+    need(t.share_prompt_prefill in (True, False, "auto"), "trainer.share_prompt_prefill", t.share_prompt_prefill,
+         "true, false or auto")
 
     need(o.name in OBJECTIVES, "objective.name", o.name, f"one of {', '.join(OBJECTIVES)}")
     need(o.beta > 0, "objective.beta", o.beta, "> 0 (the reward temperature)")
@@ -74,6 +76,7 @@ def validate(cfg) -> None:
     need(task.max_new_tokens >= 1, "task.max_new_tokens", task.max_new_tokens, ">= 1")
     need(task.evaluation.n_samples >= 1, "task.evaluation.n_samples", task.evaluation.n_samples, ">= 1")
     need(task.evaluation.batch_size >= 1, "task.evaluation.batch_size", task.evaluation.batch_size, ">= 1")
+    need(task.evaluation.exact_limit >= 1, "task.evaluation.exact_limit", task.evaluation.exact_limit, ">= 1")
 
     for key in ("p_temper", "epsilon"):
         need(0 <= x[key] <= 1, f"exploration.{key}", x[key], "a probability in [0, 1]")

@@ -99,16 +99,18 @@ def completion_hidden(model, prompts: PromptBatch, group: torch.Tensor, tokens: 
         start = prompts.input_ids.shape[1] - 1
         return hidden[:, start: start + width]
     last_hidden, cache, attn, prompt_len = prefill(model, prompts, group, share=True)
-    if width == 1:
+    in_step = getattr(model, "gf_odg_all_true", None) is not None  # FSDP: every process makes both passes
+    if width == 1 and not in_step:
         return last_hidden.unsqueeze(1)
-    attn = torch.cat([attn, torch.ones((n, width - 1), dtype=attn.dtype, device=tokens.device)], dim=1)
-    positions = prompt_len.unsqueeze(1) + torch.arange(width - 1, device=tokens.device)
+    fed = max(width - 1, 1)  # under FSDP a one-token batch still runs the completion pass, its output unused
+    attn = torch.cat([attn, torch.ones((n, fed), dtype=attn.dtype, device=tokens.device)], dim=1)
+    positions = prompt_len.unsqueeze(1) + torch.arange(fed, device=tokens.device)
     if checkpointed:
         cache = read_only_cache(cache)
     with layer_checkpointing(decoder, checkpointed, with_cache=True):
-        hidden, _ = run_decoder(decoder, cache, input_ids=tokens[:, : width - 1], attention_mask=attn,
+        hidden, _ = run_decoder(decoder, cache, input_ids=tokens[:, :fed], attention_mask=attn,
                                 position_ids=positions, use_cache=True)
-    return torch.cat([last_hidden.unsqueeze(1), hidden], dim=1)
+    return torch.cat([last_hidden.unsqueeze(1), hidden[:, : width - 1]], dim=1)
 
 
 def _chunk_logprobs(lm_head, config, eos_index: int, hidden, token_index, allowed, columns):

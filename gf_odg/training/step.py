@@ -79,12 +79,14 @@ class PromptFeatures:
     identical for two chat prompts, cosine 0.97, as the shared template dominates; the last position,
     which the policy itself conditions on, separates them: cosine 0.77.)"""
 
-    def __init__(self, policy, tokenizer, task, device):
-        self.policy, self.tokenizer, self.task, self.device = policy, tokenizer, task, device
+    def __init__(self, policy, tokenizer, task, device, dist: Optional[Dist] = None):
+        self.policy, self.tokenizer, self.task, self.device, self.dist = policy, tokenizer, task, device, dist
         self.cache: dict[int, torch.Tensor] = {}
 
     def __call__(self, indices: list[int]) -> torch.Tensor:
         missing = [i for i in indices if i not in self.cache]
+        if self.dist is not None and self.dist.sharded and self.dist.any_true(bool(missing)):
+            missing = list(indices)  # processes: FSDP's forward gathers every layer, so every process makes it
         if missing:
             prompts = prompt_batch(self.task, self.tokenizer, missing, self.device)
             decoder, _, _ = decoder_and_head(self.policy)

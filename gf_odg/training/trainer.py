@@ -26,8 +26,11 @@ from omegaconf import OmegaConf
 from gf_odg.data.tasks import build_reward, build_task
 from gf_odg.distributed import Dist, merge_metrics
 from gf_odg.errors import ConfigError, GFODGError
-from gf_odg.evaluation.core import evaluate
+from gf_odg.evaluation.core import evaluate_policy
+from gf_odg.exploration import behaviour as exploration
+from gf_odg.evaluation.report import save_evaluation
 from gf_odg.io import checkpoints
+from gf_odg.io.model_card import write_model_card
 from gf_odg.io.tracking import Tracker
 from gf_odg.log_reward import beta_at, log_reward_fn
 from gf_odg.model.loading import load_policy, model_summary, resolve_device
@@ -48,6 +51,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_name = cfg.run_name
+        self.eval_rows: dict[str, list[dict]] = {}  # tag -> the evaluation's samples (train.py prints a few)
         self.dist = Dist()
         self.device = resolve_device(cfg.trainer.device)
         if self.dist.enabled and self.device.type == self.dist.device.type:  # processes: one GPU each
@@ -106,18 +110,16 @@ class Trainer:
                 f"objective={self.objective.name} needs a reward that scores every prefix (a `score_prefixes` "
                 f"method); task.reward {type(self.reward).__name__} has none. Use objective="
                 f"{' or '.join(names_where(needs_prefix_scores=False, on_policy_only=False))}.")
-        if cfg.exploration.epsilon > 0 and self.task.constraints.allowed is None and self.dist.is_main:
-            log.warning(
-                "exploration.epsilon=%s with no allowed-token set: epsilon-uniform mixes over all %d tokens, which "
-                "mostly draws junk (measured on experiment=sparse_rng: it did not help). Consider "
-                "exploration.epsilon=0, or a task.constraints.allowed set.",
-                cfg.exploration.epsilon, len(self.tokenizer))
+        message = exploration.epsilon_warning(cfg.exploration, self.task.constraints, len(self.tokenizer))
+        if message and self.dist.is_main:
+            log.warning(message)
         hidden = self.model.get_base_model().config.hidden_size
-        self.dist.shard(self.model, cfg.model)  # processes: FSDP shards decoder layers (before the optimizer)
         self.log_z = build_log_z(cfg.objective, hidden)
         if self.log_z is not None:
             self.log_z.to(self.device)
-        self._prompt_features = PromptFeatures(self.model, self.tokenizer, self.task, self.device)
+        self.dist.broadcast_trainable(self.model, self.log_z)  # processes: all start from rank 0's LoRA and log Z
+        self.dist.shard(self.model, cfg.model)  # processes: FSDP shards decoder layers (before the optimizer)
+        self._prompt_features = PromptFeatures(self.model, self.tokenizer, self.task, self.device, self.dist)
         self.optimizer = build_optimizer(cfg.trainer.optimizer, optim.param_groups(self.model, self.log_z, cfg.trainer),
                                          self.device)
         self.scheduler = optim.build_scheduler(self.optimizer, cfg.trainer)
@@ -212,10 +214,16 @@ class Trainer:
 
     def _evaluate(self, tag: str) -> dict:
         """Against the target the run trains toward: the reward at the final beta (before and after alike)."""
-        ecfg = self.cfg.task.evaluation
-        result, rows = evaluate(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
-                                beta=beta_at(self.cfg.objective, self.cfg.trainer.max_steps), seed=self.cfg.seed + 1000,
-                                share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact)
+        ecfg, ocfg = self.cfg.task.evaluation, self.cfg.objective
+        beta = beta_at(ocfg, self.cfg.trainer.max_steps)
+        evaluation = evaluate_policy(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
+                                     beta=beta, seed=self.cfg.seed + 1000,
+                                     share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact,
+                                     log_reward_min=ocfg.log_reward_min, ref_weight=ocfg.ref_weight,
+                                     exact_limit=ecfg.exact_limit)
+        result, rows = evaluation.result, evaluation.rows
+        save_evaluation(self.run_dir, tag, result, rows, self.task, exact=evaluation.exact, beta=beta)
+        self.eval_rows[tag] = rows
         self.tracker.log({f"eval_{tag}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
                          step=self.global_step)
         self.tracker.log_samples(rows[:64], step=self.global_step, key=f"eval_{tag}/samples")
@@ -254,10 +262,13 @@ class Trainer:
             save_adapter(self.model, adapter_dir, adapter_state)
         self.dist.barrier()
         after = self.evaluate("after")
-        summary = {"before": before, "after": after, "steps": self.global_step, "adapter": str(adapter_dir)}
+        summary = {"before": before, "after": after, "steps": self.global_step, "adapter": str(adapter_dir),
+                   "rows": self.eval_rows}
         if not self.dist.is_main:
             return summary
         self.tracker.summary({f"eval_after/{k}": v for k, v in after.items() if isinstance(v, (int, float))})
+        write_model_card(adapter_dir, cfg, before, after, steps=self.global_step,
+                         base_model=cfg.model.name_or_path if cfg.model.source == "hub" else self.base_path)
         return summary
 
     def close(self, exit_code: int = 0) -> None:
