@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, compose_cfg, run_train
-from multiprocess import launch, load_trained, train_on_two_processes
+from two_processes import launch, load_trained, train_on_two_processes
 from gf_odg.io.tracking import read_offline_run
 
 STEPS = ["trainer.max_steps=4", "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2"]

@@ -62,6 +62,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert a_row["discovery/distinct_valid"] == b_row["discovery/distinct_valid"]  # restored, not restarted
     a_eval = json.loads((tmp_path / "a" / "run" / "eval.json").read_text())["after"]
     b_eval = json.loads((b / "run" / "eval.json").read_text())["after"]
+    for a_prompt, b_prompt in zip(a_eval.pop("exact_per_prompt", []), b_eval.pop("exact_per_prompt", [])):
+        assert a_prompt == pytest.approx(b_prompt, abs=1e-9, nan_ok=True)
     assert a_eval == pytest.approx(b_eval, abs=1e-9, nan_ok=True)  # sums over sets: last-bit order effects
 
 

@@ -185,11 +185,13 @@ def test_before_and_after_evaluations_use_the_same_final_beta(cfg_factory, tmp_p
 
     seen = []
 
+    from gf_odg.evaluation.core import Evaluation
+
     def fake_evaluate(*args, beta, **kwargs):
         seen.append(beta)
-        return {"valid_fraction": 1.0}, []
+        return Evaluation({"valid_fraction": 1.0}, [])
 
-    monkeypatch.setattr(trainer_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer_module, "evaluate_policy", fake_evaluate)
     cfg = cfg_factory("model=tiny-random", "logger=none", "trainer.progress=false", "trainer.max_steps=2",
                       "trainer.samples_per_prompt=2", "task.evaluation.before_training=true",
                       "objective.beta=1.0", "objective.beta_end=3.0", "objective.beta_schedule=linear",
