@@ -50,7 +50,7 @@ def cfg_factory(tmp_path):
 
 
 TINY = ["model=tiny-random", "logger=none", "trainer.progress=false", "task.evaluation.n_samples=32",
-        "task.evaluation.before_training=false"]
+        "task.evaluation.before_training=false", "task.evaluation.plots=false"]
 
 
 @pytest.fixture(scope="session")

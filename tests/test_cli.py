@@ -12,6 +12,7 @@ FAST = ["model=tiny-random", "trainer.max_steps=2", "trainer.samples_per_prompt=
         "logger.mode=offline", "trainer.progress=false"]
 
 
+@pytest.mark.slow
 def test_train_py_runs_end_to_end_and_writes_eval_json(tmp_path):
     result = run_train(FAST, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,6 +46,7 @@ def _assert_clean_failure(result, *needles):
     (["model=tiny-random", "task.reward.target=[-1,2]"], ["task.reward.target"]),
 ], ids=["unknown-model", "mistyped-key", "beta", "vargrad-k", "subtb-reward", "reward-target", "prompts-file",
         "target-table"])
+@pytest.mark.slow
 def test_bad_input_fails_with_a_clear_message_and_writes_nothing(tmp_path, args, needles):
     result = run_train([*args, "logger.mode=offline"], tmp_path)
     _assert_clean_failure(result, *needles)
@@ -52,6 +54,7 @@ def test_bad_input_fails_with_a_clear_message_and_writes_nothing(tmp_path, args,
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").rglob("COMPLETE"))
 
 
+@pytest.mark.slow
 def test_gated_model_without_network_is_one_clear_message(tmp_path):
     result = run_train(["model=gemma-2b", "logger.mode=offline"], tmp_path,
                        env={"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"},
@@ -73,6 +76,7 @@ def _fake_checkpoint(folder, state_bytes=None, base="elsewhere"):
 
 
 @pytest.mark.parametrize("case", ["corrupt", "other-base-model"])
+@pytest.mark.slow
 def test_bad_checkpoints_are_refused_and_left_alone(tmp_path, case):
     ckpt = tmp_path / "checkpoints" / "old" / "step_000001"
     _fake_checkpoint(ckpt, b"not a checkpoint" if case == "corrupt" else None)
@@ -82,6 +86,7 @@ def test_bad_checkpoints_are_refused_and_left_alone(tmp_path, case):
     assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_empty_prompt_file_and_unwritable_output(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
@@ -91,6 +96,7 @@ def test_empty_prompt_file_and_unwritable_output(tmp_path):
     _assert_clean_failure(result, "paths.checkpoints", "cannot be written")
 
 
+@pytest.mark.slow
 def test_an_existing_adapter_is_never_overwritten(tmp_path):
     adapter = tmp_path / "adapted" / "taken"
     adapter.mkdir(parents=True)

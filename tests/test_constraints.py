@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gf_odg.data.constraints import ConstraintSet
@@ -15,6 +16,7 @@ def _prompts(tokenizer, texts):
                              tokenizer.pad_token_id, "cpu")
 
 
+@pytest.mark.slow
 def test_sampled_completions_never_violate_the_mask(tiny_policy):
     model, tok = tiny_policy
     specs = [

@@ -24,6 +24,7 @@ def _fsdp_launch(args: list[str], tmp_path):
     return _launch(args, tmp_path, config="fsdp.yaml")
 
 
+@pytest.mark.slow
 def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     args = [str(ROOT / "train.py"), *TINY, *STEPS, "logger=wandb", "logger.mode=offline", "run_name=ddp-run",
@@ -52,6 +53,7 @@ def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "ddp-run").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     """Two processes keep identical LoRA and log Z. Stop a 2-process run at step 2, resume it to step 4: the same
     adapter, log Z and losses as 4 steps straight.
@@ -210,11 +212,11 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weights(tmp_path):
-    """Three prompts, one per process per step, 10 steps: under FSDP every process makes the same forward calls
+    """Three prompts, one per process per step, 4 steps: under FSDP every process makes the same forward calls
     (hung after step 1 before the fix: the log Z prompt features ran only for prompts not cached on that
     process), and ends with the data-parallel run's adapter and log Z."""
-    common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.max_steps=10", "trainer.prompts_per_step=1",
-              "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=10",
+    common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.max_steps=4", "trainer.prompts_per_step=1",
+              "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=4",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
     quick = {"GF_ODG_COLLECTIVE_TIMEOUT": "120"}  # a process out of step fails within two minutes
     results = {}
@@ -229,7 +231,7 @@ def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weigh
     assert c.keys() == a.keys()
     for key in a:
         assert torch.allclose(c[key], a[key], atol=1e-6), key
-    za, zc = _log_z_at(tmp_path / "checkpoints", "ddp", 10), _log_z_at(tmp_path / "checkpoints", "fsdp", 10)
+    za, zc = _log_z_at(tmp_path / "checkpoints", "ddp", 4), _log_z_at(tmp_path / "checkpoints", "fsdp", 4)
     assert torch.allclose(za["value"], zc["value"], atol=1e-6)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from enumerable import enumerable_cfg, exact_tvs
@@ -30,6 +31,7 @@ def test_schedules_are_linear(cfg_factory):
     assert exploration.replay_fraction_at(cfg, 5) == 0.25 and exploration.replay_fraction_at(cfg, 20) == 0.5
 
 
+@pytest.mark.slow
 def test_tb_with_epsilon_and_half_replay_still_reaches_the_target(tmp_path):
     cfg = enumerable_cfg(tmp_path, "tb", extra=[
         "trainer.max_steps=500", "trainer.lr_schedule=cosine", "exploration=replay", "exploration.epsilon=0.3",

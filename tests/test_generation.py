@@ -128,6 +128,7 @@ def _check_same_as_old(model, tok, spec, max_new, **new_options):
 
 
 @pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.slow
 def test_new_decode_path_draws_the_old_tokens(tiny_policy, name):
     model, tok = tiny_policy
     spec, max_new = SPECS[name]

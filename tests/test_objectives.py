@@ -90,6 +90,7 @@ EXACT = ["trainer.lr_schedule=cosine", "exploration=default"]
     ("vargrad", "vargrad", False, [], False),
     ("subtb", "subtb", False, [], False),
 ], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.slow
 def test_gflownet_objectives_match_their_target_exactly(tmp_path, name, objective, two, extra, normalised):
     prompts = PROMPTS if two else PROMPTS[:1]
     cfg = enumerable_cfg(tmp_path, objective, prompts=prompts, seeds=[0, 1][: len(prompts)], normalised=normalised,
@@ -104,6 +105,7 @@ def test_gflownet_objectives_match_their_target_exactly(tmp_path, name, objectiv
         assert abs(true[0] - true[1]) > 0.05  # the two targets really need two different log Z
 
 
+@pytest.mark.slow
 def test_tb_reaches_the_target_from_a_tempered_behaviour_policy(tmp_path):
     cfg = enumerable_cfg(tmp_path, "tb", extra=[
         "trainer.max_steps=400", "trainer.lr_schedule=cosine",
@@ -112,6 +114,7 @@ def test_tb_reaches_the_target_from_a_tempered_behaviour_policy(tmp_path):
     assert max(exact_tvs(trainer)) <= 0.05
 
 
+@pytest.mark.slow
 def test_rloo_concentrates_far_from_the_target(tmp_path):
     """The contrast that motivates the project: reward maximisation collapses onto the best answers."""
     # RLOO is on-policy only (validation refuses exploration for it): it samples from P_F itself

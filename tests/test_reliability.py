@@ -31,6 +31,7 @@ def _steps(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     full = run_train([*RESUMABLE, "run_name=full", "logger=none"], tmp_path / "a")
     assert full.returncode == 0, full.stderr[-2000:]
@@ -67,6 +68,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert a_eval == pytest.approx(b_eval, abs=1e-9, nan_ok=True)  # sums over sets: last-bit order effects
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_finishes_the_wandb_run(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny-random", "trainer.max_steps=100000",
            "trainer.samples_per_prompt=4", "trainer.checkpoint_every=0", "trainer.progress=false",
@@ -103,6 +105,7 @@ def test_a_truncated_checkpoint_is_never_picked(tmp_path):
     assert find_resume("auto", tmp_path / "checkpoints", "r") == good
 
 
+@pytest.mark.slow
 def test_planted_tokens_appear_nowhere(tmp_path):
     secret_hf, secret_wandb = "hf_PLANTEDsecret1234567890", "wandbPLANTEDkey0987654321"
     (tmp_path / "home").mkdir()
@@ -148,6 +151,7 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_checkpoint_intact(cfg_f
     ("return [0.0]", "1 scores for"),
     ("raise ValueError('boom')", "boom"),
 ], ids=["nan", "wrong-count", "raises"])
+@pytest.mark.slow
 def test_a_bad_reward_is_a_clear_error_naming_it(tmp_path, body, needle):
     (tmp_path / "bad_rewards.py").write_text(f"def bad(prompts, completions, **kwargs):\n    {body}\n")
     result = run_train(["model=tiny-random", "trainer.max_steps=2", "logger=none",

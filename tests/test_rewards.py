@@ -193,6 +193,7 @@ def embedding_reward():
     return EmbeddingSimilarityReward(target="A dog is playing fetch in the park.")
 
 
+@pytest.mark.slow
 def test_embedding_paraphrase_beats_unrelated(embedding_reward):
     scores = embedding_reward(["", "", ""], [
         "In the park, a puppy chases a ball someone threw.",

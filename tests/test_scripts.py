@@ -20,6 +20,7 @@ from gf_odg.errors import ConfigError
 from gf_odg.io.tracking import read_offline_run
 
 
+@pytest.mark.slow
 def test_a_two_by_two_multirun_gives_four_finished_runs(tmp_path):
     result = run_train(["-m", "model=tiny-random", "objective=tb,vargrad", "seed=0,1", "trainer.max_steps=2",
                         "trainer.samples_per_prompt=4", "task.evaluation.n_samples=8",

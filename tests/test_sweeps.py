@@ -18,6 +18,7 @@ QUICK = ["model=tiny-random", "trainer.max_steps=1", "trainer.samples_per_prompt
          "task.evaluation.before_training=false", "trainer.progress=false", "trainer.threads=1"]
 
 
+@pytest.mark.slow
 def test_a_two_trial_optuna_sweep_reports_its_best_value(tmp_path):
     result = run_train(["-m", "hparams_search=rng_optuna", "hydra.sweeper.n_trials=2", "logger=none", *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,6 +31,7 @@ def test_a_two_trial_optuna_sweep_reports_its_best_value(tmp_path):
                                           "exploration.epsilon"}
 
 
+@pytest.mark.slow
 def test_two_jobs_through_the_submitit_local_launcher(tmp_path):
     result = run_train(["-m", "hydra/launcher=local", "objective=tb,vargrad", "logger.mode=offline", *QUICK], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,6 +62,7 @@ def test_launcher_configs_compose(launcher):
     assert "submitit_launcher" in cfg.hydra.launcher._target_
 
 
+@pytest.mark.slow
 def test_a_finished_job_leaves_no_model_behind(tmp_path):
     """Hydra's basic launcher runs sweep jobs one after another in one process: each job's model must go.
     (In a subprocess: pytest's log capture keeps records whose tracebacks would hold the model.)"""

@@ -198,6 +198,7 @@ def test_task_config_builds_and_its_reward_scores_a_plausible_completion(task, c
 
 
 @pytest.mark.parametrize("task", sorted(NEW_TASKS))
+@pytest.mark.slow
 def test_two_training_steps_on_each_task(task, cfg_factory, tmp_path):
     cfg = cfg_factory(*TINY, f"task={task}", "trainer.max_steps=2", "trainer.samples_per_prompt=4",
                       "task.evaluation.n_samples=8", "trainer.checkpoint_every=0")
@@ -234,6 +235,7 @@ REPLACE_REWARD = {
 
 
 @pytest.mark.parametrize("form", sorted(REPLACE_REWARD))
+@pytest.mark.slow
 def test_users_own_reward_module_replaces_the_task_reward(form, tmp_path):
     project = tmp_path / "my_project"
     project.mkdir()

@@ -19,6 +19,7 @@ def _lora_vector(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten().clone() for n, p in model.named_parameters() if "lora_" in n])
 
 
+@pytest.mark.slow
 def test_training_moves_adapter_and_log_z_and_writes_reloadable_artefacts(cfg_factory, tmp_path):
     cfg = cfg_factory(*TINY, "trainer.max_steps=3", "trainer.samples_per_prompt=8", "trainer.checkpoint_every=2",
                       "logger=wandb", "logger.mode=offline", "trainer.sample_table_every=1")

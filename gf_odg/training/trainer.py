@@ -222,7 +222,8 @@ class Trainer:
                                      log_reward_min=ocfg.log_reward_min, ref_weight=ocfg.ref_weight,
                                      exact_limit=ecfg.exact_limit)
         result, rows = evaluation.result, evaluation.rows
-        save_evaluation(self.run_dir, tag, result, rows, self.task, exact=evaluation.exact, beta=beta)
+        save_evaluation(self.run_dir, tag, result, rows, self.task, exact=evaluation.exact, beta=beta,
+                        plots=ecfg.plots)
         self.eval_rows[tag] = rows
         self.tracker.log({f"eval_{tag}/{k}": v for k, v in result.items() if isinstance(v, (int, float))},
                          step=self.global_step)
