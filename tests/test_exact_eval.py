@@ -83,19 +83,35 @@ def test_exact_figures_of_a_reward_without_modes_match_a_hand_computation(tiny_p
     assert abs(plain["exact_kl"] - result["exact_kl"]) > 0.05
 
 
-def test_the_prior_enters_the_target(tiny_policy, letters_task):
-    """A constant score with ref_weight = 1: the target is p_ref on the support, and the fresh LoRA
-    policy (B = 0) is p_ref itself, so both KLs vanish and only the invalid mass separates them."""
+def test_the_prior_is_the_base_models_own_probability_with_eos(tiny_policy, letters_task):
+    """A constant score with ref_weight = 1: the target on the support is p_ref(y|x), the base model's
+    own probability over its whole vocabulary with the completion's EOS (docs/design.md), computed here
+    by a plain forward pass; without the prior the target is uniform on the support."""
+    from gf_odg.evaluation.exact import exact_distributions
+    from gf_odg.model.loading import reference_mode
+
     model, tokenizer = tiny_policy
     task = letters_task(constant_reward)
-    with_prior, _ = evaluate(model, tokenizer, task, n_samples=8, batch_size=8, ref_weight=1.0)
-    valid_mass = with_prior["exact_valid_mass"]
-    assert 0.2 < valid_mass < 0.99  # the untrained policy writes some "cc"
-    assert with_prior["exact_kl"] < 1e-9 and with_prior["exact_reverse_kl"] < 1e-9
-    assert with_prior["exact_tv"] == pytest.approx(1.0 - valid_mass, abs=1e-6)
-    assert with_prior["exact_min_ratio"] == pytest.approx(valid_mass, rel=1e-5)
-    without, _ = evaluate(model, tokenizer, task, n_samples=8, batch_size=8, ref_weight=0.0)
-    assert without["exact_kl"] > 0.01  # a uniform target: the prior made the difference
+    [dist] = exact_distributions(model, tokenizer, task, ref_weight=1.0)
+    terminals = enumerate_terminals(task.constraints)
+    prompt, eos = list(task.prompt_tokens[0]), task.constraints.eos_id
+    expected = []
+    with torch.no_grad(), reference_mode(model):
+        for tokens in terminals:
+            body = tokens[:-1] if tokens and tokens[-1] == eos else tokens
+            ids = torch.tensor([prompt + body])
+            logp = model(input_ids=ids).logits[0].double().log_softmax(-1)
+            steps = [*body, eos]
+            expected.append(sum(float(logp[len(prompt) - 1 + i, tok]) for i, tok in enumerate(steps)))
+    expected = torch.tensor(expected, dtype=torch.float64)
+    support = dist.valid
+    want = (expected[support] - expected[support].logsumexp(0)).exp()
+    got = (dist.log_target[support] - dist.log_target[support].logsumexp(0)).exp()
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    assert float((want - 1.0 / int(support.sum())).abs().max()) > 1e-3  # the prior is not uniform here
+    [flat] = exact_distributions(model, tokenizer, task, ref_weight=0.0)
+    flat_target = (flat.log_target[support] - flat.log_target[support].logsumexp(0)).exp()
+    assert torch.allclose(flat_target, torch.full_like(flat_target, 1.0 / int(support.sum())), atol=1e-12)
 
 
 def test_exact_limit_bounds_the_enumeration(tiny_policy, letters_task):

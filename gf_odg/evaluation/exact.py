@@ -65,8 +65,9 @@ def enumerate_terminals(constraints, limit: int = EXACT_LIMIT) -> Optional[list[
 
 @torch.no_grad()
 def completion_log_probs(model, tokenizer, task, prompt_index: int, terminals: list[list[int]],
-                         share_prefill: bool = True, batch_size: int = 512) -> torch.Tensor:
-    """log P_F(y|x) under the constraint mask of every terminal completion: [len(terminals)] float64."""
+                         share_prefill: bool = True, batch_size: int = 512, masked: bool = True) -> torch.Tensor:
+    """log P_F(y|x) under the constraint mask of every terminal completion: [len(terminals)] float64.
+    `masked=False`: over the whole vocabulary, as the prior p_ref is scored in training."""
     device = next(model.parameters()).device
     prompts = PromptBatch.build([task.prompt_tokens[prompt_index]], [task.prompts[prompt_index]],
                                 tokenizer.pad_token_id, device)
@@ -79,7 +80,8 @@ def completion_log_probs(model, tokenizer, task, prompt_index: int, terminals: l
             tokens[i, : len(t)] = torch.tensor(t)
         lengths = torch.tensor([len(t) for t in chunk], device=device)
         group = torch.zeros(len(chunk), dtype=torch.long, device=device)
-        lp = score_completions(model, prompts, group, tokens, lengths, task.constraints, task.constraints.eos_id,
+        lp = score_completions(model, prompts, group, tokens, lengths, task.constraints if masked else None,
+                               task.constraints.eos_id,
                                share_prefill=share_prefill)
         out.append(lp.total().double().cpu())
     return torch.cat(out)
@@ -147,7 +149,7 @@ def exact_target(task, prompt_index: int, texts: list[str], beta: float, log_rew
 @torch.no_grad()
 def exact_distributions(model, tokenizer, task, beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN,
                         ref_weight: float = 0.0, share_prefill: bool = True, limit: int = EXACT_LIMIT,
-                        prompt_indices: Optional[list[int]] = None) -> Optional[list[ExactDistribution]]:
+                        prompt_indices: Optional[list[int]] = None, ref_masked: bool = False) -> Optional[list[ExactDistribution]]:
     """Each prompt's exact policy and target over every completion (every prompt of the task by
     default); None when the mask admits more than `limit` completions."""
     terminals = enumerate_terminals(task.constraints, limit)
@@ -162,7 +164,8 @@ def exact_distributions(model, tokenizer, task, beta: float = 1.0, log_reward_mi
             from gf_odg.model.loading import reference_mode
 
             with reference_mode(model):  # p_ref: the same network with its adapters off, as in training
-                log_ref = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill)
+                # unmasked, EOS included (docs/design.md), unless objective.ref_masked
+                log_ref = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill, masked=ref_masked)
         log_target, valid = exact_target(task, p, texts, beta, log_reward_min, ref_weight, log_ref)
         out.append(ExactDistribution(p, texts, log_policy, log_target, valid))
     return out
@@ -190,10 +193,11 @@ def summarize(distributions: list[ExactDistribution]) -> dict:
 
 def exact_metrics(model, tokenizer, task, beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN,
                   ref_weight: float = 0.0, share_prefill: bool = True,
-                  limit: int = EXACT_LIMIT) -> tuple[dict, list[ExactDistribution]]:
+                  limit: int = EXACT_LIMIT, ref_masked: bool = False) -> tuple[dict, list[ExactDistribution]]:
     """(figures, per-prompt distributions) of the policy at temperature 1 against the training
     target; ({}, []) when the completion space is too large to enumerate."""
-    distributions = exact_distributions(model, tokenizer, task, beta, log_reward_min, ref_weight, share_prefill, limit)
+    distributions = exact_distributions(model, tokenizer, task, beta, log_reward_min, ref_weight, share_prefill, limit,
+                                        ref_masked=ref_masked)
     if not distributions:
         return {}, []
     return summarize(distributions), distributions
