@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from gf_odg.bench.common import sync, timed
 
 # name -> (hidden, intermediate, layers, heads, kv heads); vocabulary 49,152 (the embedded tokenizer's)
 SHAPES = {
@@ -48,30 +49,13 @@ class _NoText:
         return ""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _peak_gb(fn, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
@@ -169,10 +153,10 @@ def measure(model, prompts, group, cons, device: torch.device, repeats: int) -> 
 
     for share in (True, False):
         tag = "shared" if share else "per_sample"
-        row[f"ours_step_s_{tag}"] = _timed(ours(share), device, repeats)
+        row[f"ours_step_s_{tag}"] = timed(ours(share), device, repeats)
     for kv_cache in ("dynamic", "static"):
-        row[f"sample_s_{kv_cache}"] = _timed(lambda cache=kv_cache: draw(True, cache), device, repeats)
-    row["raw_step_s"] = _timed(raw, device, repeats)
+        row[f"sample_s_{kv_cache}"] = timed(lambda cache=kv_cache: draw(True, cache), device, repeats)
+    row["raw_step_s"] = timed(raw, device, repeats)
     best = min(row["ours_step_s_shared"], row["ours_step_s_per_sample"])
     row["ours_vs_raw"] = best / row["raw_step_s"]
     row["share_speedup"] = row["ours_step_s_per_sample"] / row["ours_step_s_shared"]
