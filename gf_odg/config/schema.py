@@ -143,7 +143,7 @@ class ReplayConfig:
     fraction: float = 0.0
     fraction_end: Optional[float] = None
     fraction_steps: int = 0
-    warm_start_samples: int = 0
+    seed: str = "none"  # none | enumerate | auto: fill the buffer with every valid completion of an enumerable space (gf_odg/exploration/seeding.py)
 
 
 @dataclass

@@ -98,6 +98,7 @@ def validate(cfg) -> None:
              "uniform, rank or softmax")
         need(r.scope in ("prompt", "global"), "exploration.replay.scope", r.scope, "prompt or global")
         need(r.dedup in ("exact", "edit", "embedding"), "exploration.replay.dedup", r.dedup, "exact, edit or embedding")
+        need(r.seed in ("none", "enumerate", "auto"), "exploration.replay.seed", r.seed, "none, enumerate or auto")
     elif r.fraction > 0 or (r.fraction_end or 0) > 0:
         problems.append("exploration.replay.fraction > 0 but exploration.replay.enabled=false: enable replay")
 

@@ -28,6 +28,7 @@ from gf_odg.distributed import Dist, merge_metrics
 from gf_odg.errors import ConfigError, GFODGError
 from gf_odg.evaluation.core import evaluate_policy
 from gf_odg.exploration import behaviour as exploration
+from gf_odg.exploration.seeding import seed_replay
 from gf_odg.evaluation.report import save_evaluation
 from gf_odg.io import checkpoints
 from gf_odg.io.model_card import write_model_card
@@ -127,6 +128,9 @@ class Trainer:
         self.replay = build_replay(cfg.exploration.replay)
         if self.resume_from is not None:
             self.progress = state.restore(self.checkpointed, self.resume_from, self.device)
+        elif self.replay is not None:
+            seed_replay(self.replay, self.task, self.tokenizer, cfg.objective, cfg.exploration.replay.seed,
+                        cfg.task.evaluation.exact_limit)
         self.tracker = Tracker(cfg.logger, self.run_dir, self.run_name, OmegaConf.to_container(cfg, resolve=True),
                                resume_id=self.progress.wandb_id, enabled=self.dist.is_main)
         self.progress.wandb_id = self.tracker.run_id
