@@ -15,6 +15,7 @@ The reference model `p_ref` is the same network with its adapters switched off (
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import os
@@ -61,13 +62,13 @@ def prepare_embedded(dest: Path) -> Path:
     """Convert the GGUF SmolLM2 into a normal safetensors checkpoint at `dest` (once)."""
 
     def build(tmp: Path) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src = embedded_gguf_dir()
         log.info("Converting the embedded SmolLM2-135M-Instruct GGUF into %s (once)", dest)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+        config = copy.deepcopy(gguf_model.config)  # not parsed from the GGUF a second time (seconds)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config._name_or_path = "SmolLM2-135M-Instruct"
