@@ -259,3 +259,41 @@ def test_from_config_maps_every_buffer_key():
     assert buffer.add("p", [1], "abc", 0.0, log_reward_fn=tempered(1.0))
     assert not buffer.add("p", [2], "xyz", -4.0, log_reward_fn=tempered(1.0))
     assert torch.get_num_threads() == threads  # edit dedup runs single-threaded, then restores
+
+
+# ---- seeding from the enumerated space (exploration.replay.seed) ------------------------------
+
+def _seeded_trainer(tmp_path, seed: str, extra=()):
+    from enumerable import PROMPTS, enumerable_cfg
+    from gf_odg.training.trainer import Trainer
+
+    cfg = enumerable_cfg(tmp_path, "tb", prompts=PROMPTS, seeds=[0, 1],
+                         extra=["exploration=replay", f"exploration.replay.seed={seed}", *extra])
+    # two prompts with different valid sets: prompt 0 drops every completion starting with "b"
+    tables = cfg.task.reward.tables
+    tables[PROMPTS[0]] = {k: v for k, v in tables[PROMPTS[0]].items() if not k.startswith("b")}
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.setup()
+    return trainer, tables
+
+
+@pytest.mark.slow
+def test_seed_enumerate_fills_the_buffer_with_every_valid_completion_under_its_own_prompt(tmp_path):
+    trainer, tables = _seeded_trainer(tmp_path, "enumerate")
+    for prompt, table in tables.items():
+        entries = trainer.replay.entries(prompt)
+        assert {e.text: e.score for e in entries} == pytest.approx(table)  # each with its own prompt's score
+        for e in entries:  # tokens end in EOS and decode to the text
+            assert e.tokens[-1] == trainer.task.constraints.eos_id
+            assert trainer.tokenizer.decode(e.tokens, skip_special_tokens=True) == e.text
+    assert len(trainer.replay) == sum(len(t) for t in tables.values())
+
+
+@pytest.mark.slow
+def test_seed_none_starts_empty_and_a_space_too_large_to_enumerate(tmp_path):
+    trainer, _ = _seeded_trainer(tmp_path / "none", "none")
+    assert len(trainer.replay) == 0
+    trainer, _ = _seeded_trainer(tmp_path / "auto", "auto", ["task.evaluation.exact_limit=10"])  # 39 > 10
+    assert len(trainer.replay) == 0
+    with pytest.raises(ConfigError, match=r"exploration.replay.seed=enumerate.*exact_limit=10"):
+        _seeded_trainer(tmp_path / "enumerate", "enumerate", ["task.evaluation.exact_limit=10"])
