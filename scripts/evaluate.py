@@ -9,7 +9,8 @@ with decoding baselines of the same model drawn in the same run.
 
 The config is the training one (configs/main.yaml: pass the same model=/task=/objective= overrides
 the adapter was trained with) plus `eval:` (configs/eval.yaml; schema gf_odg.config.schema.EvalConfig).
-Writes eval.json, samples.jsonl and plots/*.png (on an enumerable task, the policy's exact distribution
+Writes eval.json, samples.jsonl, exact.jsonl (enumerable tasks: every completion's exact policy and
+target probability) and plots/*.png (on an enumerable task, the policy's exact distribution
 against the target among them) to the run dir (outputs/eval/<date>/<time>/) and logs them to W&B as
 `logger` says.
 """
@@ -45,7 +46,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from gf_odg.data.tasks import build_reward, build_task
     from gf_odg.evaluation.core import evaluate_decodings
     from gf_odg.evaluation.loading import load_evaluated_policy, resolve_adapter
-    from gf_odg.evaluation.report import format_samples, make_plots, write_samples
+    from gf_odg.evaluation.report import exact_rows, format_samples, make_plots, write_samples
     from gf_odg.evaluation.sampling import sample_rows
     from gf_odg.evaluation.settings import check_eval_config
     from gf_odg.model.loading import resolve_device
@@ -76,6 +77,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     rows = [row for part in rows_by_name.values() for row in part]
     write_samples(run_dir / "samples.jsonl", rows)
     policy_name = settings.decodings[0].name
+    if results[policy_name][1].exact:
+        write_samples(run_dir / "exact.jsonl", exact_rows(results[policy_name][1].exact))
     plots = []
     if settings.plots:
         # a baseline that repeats the policy's decoding (temperature_1) repeats its samples: not drawn twice

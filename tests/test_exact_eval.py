@@ -147,6 +147,14 @@ def test_save_evaluation_writes_every_sample_and_the_plots(tiny_policy, letters_
     written = save_evaluation(tmp_path, "after", evaluation.result, evaluation.rows, task, exact=evaluation.exact)
     lines = (tmp_path / "samples_after.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == evaluation.rows and len(lines) == 24
+    exact_lines = [json.loads(line) for line in (tmp_path / "exact_after.jsonl").read_text().splitlines()]
+    (d,) = evaluation.exact
+    assert [row["completion"] for row in exact_lines] == d.texts  # one row per enumerated completion
+    assert sum(row["policy"] for row in exact_lines) == pytest.approx(1.0, abs=1e-6)  # float32 log-softmax per token
+    assert [row["target"] for row in exact_lines] == pytest.approx(d.log_target.exp().tolist(), rel=1e-12)
+    assert [row["valid"] for row in exact_lines] == d.valid.tolist()
+    starved = sum(row["starved"] for row in exact_lines)
+    assert starved == d.figures()["exact_starved"]
     for name in ("scores_after", "exact_distribution_after"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png in written and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000

@@ -86,14 +86,29 @@ def _exact_plot(task, distribution: ExactDistribution, path: Path) -> Path:
 
 def save_evaluation(run_dir: Path, tag: str, result: dict, rows: Sequence[dict], task,
                     exact: Sequence[ExactDistribution] = (), beta: float = 1.0, plots: bool = True) -> list[Path]:
-    """Every sample to run_dir/samples_<tag>.jsonl and (with `plots`) the PNG plots scripts/evaluate.py
+    """Every sample to run_dir/samples_<tag>.jsonl, every enumerated completion's exact policy and
+    target probability to run_dir/exact_<tag>.jsonl (enumerable tasks), and (with `plots`) the PNG plots scripts/evaluate.py
     makes to run_dir/plots/<name>_<tag>.png, with the exact distribution against its target where
     the task is enumerable -> the files written."""
     run_dir = Path(run_dir)
     written = [write_samples(run_dir / f"samples_{tag}.jsonl", rows)]
+    if exact:
+        written.append(write_samples(run_dir / f"exact_{tag}.jsonl", exact_rows(exact)))
     if plots:
         written += make_plots(task, {tag: (result, rows)}, run_dir / "plots", beta, exact, suffix=f"_{tag}")
     return written
+
+
+def exact_rows(distributions: Sequence[ExactDistribution]) -> list[dict]:
+    """One row per prompt and enumerated completion: its exact policy and target probabilities, and
+    whether it is valid (a finite score) and starved; what exact_<tag>.jsonl holds."""
+    rows = []
+    for d in distributions:
+        policy, target = d.log_policy.exp().tolist(), d.log_target.exp().tolist()
+        for text, p, t, valid in zip(d.texts, policy, target, d.valid.tolist()):
+            rows.append({"prompt": d.prompt_index, "completion": text, "policy": p, "target": t, "valid": valid,
+                         "starved": bool(valid and t > 0 and p < STARVED_RATIO * t)})
+    return rows
 
 
 def _show(text: str, width: int = 60) -> str:
