@@ -35,6 +35,7 @@ class ObjectiveBatch:
     prefix_log_reward: Optional[torch.Tensor] = None  # [N, T] log R(s_t ⊤)
     lengths: Optional[torch.Tensor] = None  # [N] tokens incl. EOS
     beta: float = 1.0  # the reward temperature of log_reward: score = beta * log R where log R is not floored
+    violated: Optional[torch.Tensor] = None  # [N] bool: a hard violation (-inf score, or under the fluency floor)
 
 
 class Objective:
@@ -180,8 +181,10 @@ class RLOO(Objective):
 
     def __call__(self, batch: ObjectiveBatch):
         reward = batch.score.clone()
-        # a violation scores the floor, in score units: log R = score / beta is floored at log_reward_min
-        reward = torch.where(torch.isfinite(reward), reward, batch.beta * batch.log_reward)
+        # a violation (a -inf score, or a completion under the fluency floor) scores the floor in score
+        # units: beta * log R, where gf_odg.log_reward floored log R at log_reward_min
+        violated = ~torch.isfinite(reward) if batch.violated is None else batch.violated
+        reward = torch.where(violated, batch.beta * batch.log_reward, reward)
         if self.kl_coef and batch.log_ref is not None:
             reward = reward - self.kl_coef * (batch.log_pf.detach() - batch.log_ref)
         n_groups = int(batch.group.max()) + 1

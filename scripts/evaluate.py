@@ -49,6 +49,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from gf_odg.evaluation.report import exact_rows, format_samples, make_plots, write_samples
     from gf_odg.evaluation.sampling import sample_rows
     from gf_odg.evaluation.settings import check_eval_config
+    from gf_odg.log_reward import target_options
     from gf_odg.model.loading import resolve_device
 
     # Everything a user can mistype fails here, before a model loads.
@@ -70,8 +71,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = evaluate_decodings(model, tokenizer, task, order, settings.decodings, settings.metrics,
                                  settings.batch_size, settings.beta, settings.seed, cfg.trainer.share_prompt_prefill,
                                  settings.threshold, settings.self_bleu_max_texts, settings.progress,
-                                 settings.same_meaning, log_reward_min=cfg.objective.log_reward_min,
-                                 ref_weight=cfg.objective.ref_weight, exact_limit=settings.exact_limit)
+                                 settings.same_meaning, exact_limit=settings.exact_limit,
+                                 target=target_options(cfg.objective, beta=settings.beta))
 
     rows_by_name = {name: sample_rows(task, samples) for name, (_, samples) in results.items()}
     rows = [row for part in rows_by_name.values() for row in part]

@@ -125,6 +125,8 @@ class ObjectiveConfig:
     beta_steps: int = 0
     ref_weight: float = 0.0  # lambda
     ref_masked: bool = False  # p_ref under the constraint mask (renormalised) instead of the base model's own
+    ref_normalize: str = "none"  # none | length: the prior term is lambda * log p_ref / |y| (tokens incl. EOS)
+    fluency_floor: Optional[float] = None  # mean per-token log p_ref below it: a hard violation (null: off)
     log_reward_min: float = -50.0
     subtb_lambda: float = 1.0
     kl_coef: float = 0.0  # rloo only

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from gf_odg.errors import ConfigError
+from gf_odg.log_reward import REF_NORMALIZE
 from gf_odg.objectives import OBJECTIVES
 
 
@@ -57,6 +58,12 @@ def validate(cfg) -> None:
     need(o.beta_schedule in ("constant", "linear", "cosine"), "objective.beta_schedule", o.beta_schedule,
          "constant, linear or cosine")
     need(math.isfinite(o.log_reward_min), "objective.log_reward_min", o.log_reward_min, "a finite number")
+    need(o.ref_normalize in REF_NORMALIZE, "objective.ref_normalize", o.ref_normalize, " or ".join(REF_NORMALIZE))
+    if o.fluency_floor is not None:
+        need(math.isfinite(o.fluency_floor) and o.fluency_floor < 0, "objective.fluency_floor", o.fluency_floor,
+             "a finite negative number (a mean per-token log p_ref, e.g. -4.0) or null (off)")
+        need(not o.ref_masked, "objective.ref_masked", o.ref_masked,
+             "false with objective.fluency_floor (the floor reads the base model's own unmasked log p_ref)")
     need(o.log_z in ("scalar", "conditioned"), "objective.log_z", o.log_z, "scalar or conditioned")
     need(o.subtb_lambda > 0, "objective.subtb_lambda", o.subtb_lambda, "> 0")
     need(o.kl_coef >= 0, "objective.kl_coef", o.kl_coef, ">= 0")

@@ -19,9 +19,10 @@ from typing import Iterable, Optional
 import torch
 
 from gf_odg.evaluation.exact import (EXACT_LIMIT, LOG_REWARD_MIN, ExactDistribution, enumerate_terminals,
-                                     exact_distribution, exact_metrics)
+                                     exact_distribution, exact_metrics, target_of)
 from gf_odg.evaluation.measure import METRICS, NEEDS_THRESHOLD, SELF_BLEU_MAX_TEXTS, SLOW_METRICS, measure, mode_targets
 from gf_odg.evaluation.sampling import POLICY, Decoding, Samples, draw_samples, sample_rows
+from gf_odg.log_reward import TargetOptions
 
 # Older import paths (scripts/benchmark.py, tests/enumerable.py) read these from here.
 __all__ = ["Evaluation", "evaluate", "evaluate_decodings", "evaluate_policy", "POLICY", "Decoding", "Samples",
@@ -34,12 +35,15 @@ def evaluate_decodings(model, tokenizer, task, prompt_order: list[int], decoding
                        self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS,
                        progress: bool = False, same_meaning: float = 0.9, *,
                        log_reward_min: float = LOG_REWARD_MIN, ref_weight: float = 0.0,
-                       exact_limit: int = EXACT_LIMIT) -> dict[str, tuple[dict, Samples]]:
+                       exact_limit: int = EXACT_LIMIT,
+                       target: Optional[TargetOptions] = None) -> dict[str, tuple[dict, Samples]]:
     """{decoding name: (metrics, samples)}. Every decoding starts from the same seed (common random
     numbers: differences between decodings are not sampling noise of the seed). `exact` applies to
     the policy's own decoding only (temperature 1, no nucleus, one draw), whose samples then carry
     each prompt's exact distribution (`samples.exact`). The exact target is the training one:
-    `beta`, `log_reward_min` and `ref_weight` as the objective sets them."""
+    `target` (gf_odg.log_reward.target_options of the objective: prior, normalisation, fluency
+    floor, ref_masked), or `beta`, `log_reward_min` and `ref_weight` alone."""
+    target = target_of(beta, log_reward_min, ref_weight, target=target)
     names = set(metric_names)
     device = next(model.parameters()).device
     targets = mode_targets(task, beta) if "modes" in names else None
@@ -57,8 +61,8 @@ def evaluate_decodings(model, tokenizer, task, prompt_order: list[int], decoding
                          self_bleu_max_texts=self_bleu_max_texts, same_meaning=same_meaning)
         if "exact" in names and decoding.is_policy:
             if same is None:
-                figures, samples.exact = exact_metrics(model, tokenizer, task, beta, log_reward_min, ref_weight,
-                                                       share_prefill, exact_limit)
+                figures, samples.exact = exact_metrics(model, tokenizer, task, share_prefill=share_prefill,
+                                                       limit=exact_limit, target=target)
             else:
                 figures = {key: value for key, value in results[same.decoding.name][0].items()
                            if key.startswith("exact_")}
@@ -80,7 +84,7 @@ class Evaluation:
 def evaluate_policy(model, tokenizer, task, n_samples: int = 512, batch_size: int = 128, beta: float = 1.0,
                     seed: int = 0, share_prefill: bool = True, exact: bool = True, diversity: bool = False,
                     log_reward_min: float = LOG_REWARD_MIN, ref_weight: float = 0.0,
-                    exact_limit: int = EXACT_LIMIT) -> Evaluation:
+                    exact_limit: int = EXACT_LIMIT, target: Optional[TargetOptions] = None) -> Evaluation:
     """The policy's evaluation: `n_samples` completions spread evenly over the prompts, measured;
     with `exact`, the exact figures where the task is enumerable. `diversity` adds self-BLEU and
     MiniLM semantic diversity (seconds to minutes on a CPU: off by default so that training runs
@@ -93,7 +97,7 @@ def evaluate_policy(model, tokenizer, task, n_samples: int = 512, batch_size: in
     order = [i % len(task.records) for i in range(n_samples)]
     result, samples = evaluate_decodings(model, tokenizer, task, order, [POLICY], names, batch_size, beta, seed,
                                          share_prefill, log_reward_min=log_reward_min, ref_weight=ref_weight,
-                                         exact_limit=exact_limit)[POLICY.name]
+                                         exact_limit=exact_limit, target=target)[POLICY.name]
     return Evaluation(result, sample_rows(task, samples), samples.exact)
 
 

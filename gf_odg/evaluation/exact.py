@@ -4,12 +4,13 @@ compare the policy's distribution over them with the training target, for any re
 For each prompt x and every completion y the mask admits (tokens, EOS included):
 
     P_F(y | x)     the policy at temperature 1 under the mask (what the sampler draws from)
-    log R(x, y)    = max(score(x, y) / beta + lambda * log p_ref(y | x), log_reward_min)
-                     (gf_odg.log_reward, exactly as training computes it)
+    log R(x, y)    = max(score(x, y) / beta + lambda * prior(x, y), log_reward_min), or log_reward_min
+                     under the fluency floor (gf_odg.log_reward.target_log_reward, as training computes
+                     it, with the same p_ref: unmasked, or masked with objective.ref_masked)
     p*(y | x)      = R(x, y) / Σ_y' R(x, y')
 
-The support is the completions with a finite score (a score of -inf is a hard violation; training
-floors it, so it keeps a mass of order exp(log_reward_min) in p*). Reported per prompt:
+The support is the valid completions: a finite score and not under the fluency floor (a violation;
+training floors it, so it keeps a mass of order exp(log_reward_min) in p*). Reported per prompt:
 
     exact_kl          KL(P_F ‖ p*) over the support, both renormalised to it (the invalid mass is
                       exact_valid_mass's and exact_tv's to report)
@@ -37,7 +38,7 @@ import torch
 from gf_odg.config.schema import EvaluationConfig, ObjectiveConfig
 from gf_odg.data.prompts import PromptBatch
 from gf_odg.generation.scoring import score_completions
-from gf_odg.log_reward import log_reward
+from gf_odg.log_reward import TargetOptions, below_fluency_floor, target_log_reward
 from gf_odg.rewards.base import call_reward
 
 EXACT_LIMIT = EvaluationConfig.exact_limit
@@ -130,43 +131,78 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     return max(0.0, float(terms.sum()))  # rounding can leave -1e-17 for identical distributions
 
 
-def exact_target(task, prompt_index: int, texts: list[str], beta: float, log_reward_min: float = LOG_REWARD_MIN,
-                 ref_weight: float = 0.0, log_ref: Optional[torch.Tensor] = None,
-                 batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p*(y | x) [C] float64, finite-score mask [C]) for one prompt's completions `texts`:
-    each scored by the task's reward, with prior and floor, as training scores its samples."""
+def target_of(beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN, ref_weight: float = 0.0,
+              ref_masked: bool = False, target: Optional[TargetOptions] = None) -> TargetOptions:
+    """`target`, or one made of the separate keys (older call sites)."""
+    if target is not None:
+        return target
+    return TargetOptions(beta=beta, log_reward_min=log_reward_min, ref_weight=ref_weight, ref_masked=ref_masked)
+
+
+def task_scores(task, prompt_index: int, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
+    """The task's reward of each of `texts` under one prompt: [C] float64."""
     scores = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start: start + batch_size]
         slots = [prompt_index] * len(chunk)
         scores.append(call_reward(task.reward, [task.prompts[prompt_index]] * len(chunk), chunk,
                                   **task.reward_kwargs(slots)))
-    score = torch.cat(scores).double()  # [C]
-    log_r = log_reward(score, beta, log_reward_min, ref_weight, log_ref)
-    return torch.log_softmax(log_r, dim=0), torch.isfinite(score)
+    return torch.cat(scores).double()
+
+
+def exact_target(task, prompt_index: int, texts: list[str], beta: float = 1.0,
+                 log_reward_min: float = LOG_REWARD_MIN, ref_weight: float = 0.0,
+                 log_ref: Optional[torch.Tensor] = None, batch_size: int = 1024, *,
+                 target: Optional[TargetOptions] = None,
+                 lengths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p*(y | x) [C] float64, valid mask [C]) for one prompt's completions `texts`: each scored
+    by the task's reward and priced by `target_log_reward` as training prices its samples. Valid: a
+    finite score, not under the fluency floor. `lengths`: tokens incl. EOS (floor, length normalisation)."""
+    target = target_of(beta, log_reward_min, ref_weight, target=target)
+    score = task_scores(task, prompt_index, texts, batch_size)  # [C]
+    log_ref = None if log_ref is None else log_ref.double()
+    lengths = None if lengths is None else lengths.double()
+    log_r = target_log_reward(score, target, log_ref, lengths)
+    valid = torch.isfinite(score)
+    below = below_fluency_floor(target, log_ref, lengths)
+    if below is not None:
+        valid &= ~below
+    return torch.log_softmax(log_r, dim=0), valid
+
+
+def reference_log_probs(model, tokenizer, task, prompt_index: int, terminals: list[list[int]],
+                        target: TargetOptions, share_prefill: bool = True) -> Optional[torch.Tensor]:
+    """log p_ref(y | x) [C] float64 as training computes it (the same network with its adapters off;
+    unmasked, EOS included, or under the mask with objective.ref_masked), or None when the target does
+    not read it."""
+    if not target.needs_reference:
+        return None
+    from gf_odg.model.loading import reference_mode
+
+    with reference_mode(model):
+        return completion_log_probs(model, tokenizer, task, prompt_index, terminals, share_prefill,
+                                    masked=target.ref_masked)
 
 
 @torch.no_grad()
 def exact_distributions(model, tokenizer, task, beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN,
                         ref_weight: float = 0.0, share_prefill: bool = True, limit: int = EXACT_LIMIT,
-                        prompt_indices: Optional[list[int]] = None, ref_masked: bool = False) -> Optional[list[ExactDistribution]]:
+                        prompt_indices: Optional[list[int]] = None, ref_masked: bool = False, *,
+                        target: Optional[TargetOptions] = None) -> Optional[list[ExactDistribution]]:
     """Each prompt's exact policy and target over every completion (every prompt of the task by
-    default); None when the mask admits more than `limit` completions."""
+    default); None when the mask admits more than `limit` completions. `target` (target_options of
+    the objective) replaces beta, log_reward_min, ref_weight and ref_masked."""
+    target = target_of(beta, log_reward_min, ref_weight, ref_masked, target)
     terminals = enumerate_terminals(task.constraints, limit)
     if terminals is None or not terminals:
         return None
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in terminals]
+    lengths = torch.tensor([len(t) for t in terminals], dtype=torch.float64)  # tokens incl. EOS
     out = []
     for p in (range(len(task.records)) if prompt_indices is None else prompt_indices):
         log_policy = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill)
-        log_ref = None
-        if ref_weight:
-            from gf_odg.model.loading import reference_mode
-
-            with reference_mode(model):  # p_ref: the same network with its adapters off, as in training
-                # unmasked, EOS included (docs/design.md), unless objective.ref_masked
-                log_ref = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill, masked=ref_masked)
-        log_target, valid = exact_target(task, p, texts, beta, log_reward_min, ref_weight, log_ref)
+        log_ref = reference_log_probs(model, tokenizer, task, p, terminals, target, share_prefill)
+        log_target, valid = exact_target(task, p, texts, target=target, log_ref=log_ref, lengths=lengths)
         out.append(ExactDistribution(p, texts, log_policy, log_target, valid))
     return out
 
@@ -193,11 +229,12 @@ def summarize(distributions: list[ExactDistribution]) -> dict:
 
 def exact_metrics(model, tokenizer, task, beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN,
                   ref_weight: float = 0.0, share_prefill: bool = True,
-                  limit: int = EXACT_LIMIT, ref_masked: bool = False) -> tuple[dict, list[ExactDistribution]]:
+                  limit: int = EXACT_LIMIT, ref_masked: bool = False, *,
+                  target: Optional[TargetOptions] = None) -> tuple[dict, list[ExactDistribution]]:
     """(figures, per-prompt distributions) of the policy at temperature 1 against the training
     target; ({}, []) when the completion space is too large to enumerate."""
-    distributions = exact_distributions(model, tokenizer, task, beta, log_reward_min, ref_weight, share_prefill, limit,
-                                        ref_masked=ref_masked)
+    distributions = exact_distributions(model, tokenizer, task, share_prefill=share_prefill, limit=limit,
+                                        target=target_of(beta, log_reward_min, ref_weight, ref_masked, target))
     if not distributions:
         return {}, []
     return summarize(distributions), distributions

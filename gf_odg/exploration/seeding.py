@@ -7,6 +7,9 @@
                 to enumerate is a configuration error
     auto        enumerate where the space is enumerable, none elsewhere (text tasks)
 
+A completion under `objective.fluency_floor` (mean per-token log p_ref of the base model below it) is
+a violation like a -inf score, and stays out as well (this needs `model`, for the reference pass).
+
 Why: a valid completion behind mostly-invalid continuations is found by on-policy sampling, tempering
 or epsilon-uniform mixing only by luck. On `rng`, "100" is the one valid three-digit answer under "10";
 once the policy learns that "10" followed by a digit is nearly always invalid, it stops sampling
@@ -22,8 +25,10 @@ import logging
 import math
 
 from gf_odg.errors import ConfigError
-from gf_odg.evaluation.exact import enumerate_terminals
-from gf_odg.log_reward import log_reward_fn
+import torch
+
+from gf_odg.evaluation.exact import enumerate_terminals, reference_log_probs
+from gf_odg.log_reward import below_fluency_floor, log_reward_fn, target_options
 from gf_odg.rewards.base import call_reward
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,7 @@ log = logging.getLogger(__name__)
 SEEDS = ("none", "enumerate", "auto")
 
 
-def seed_replay(replay, task, tokenizer, ocfg, mode: str, limit: int) -> int:
+def seed_replay(replay, task, tokenizer, ocfg, mode: str, limit: int, model=None) -> int:
     """Fill `replay` as `mode` says (module docstring); the number of entries added."""
     if mode not in SEEDS:
         raise ConfigError(f"exploration.replay.seed={mode!r} is not one of {', '.join(SEEDS)}.")
@@ -46,10 +51,18 @@ def seed_replay(replay, task, tokenizer, ocfg, mode: str, limit: int) -> int:
                 "exploration.replay.seed=auto (seeds only enumerable tasks) or none, or raise the limit.")
         return 0
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in terminals]
+    target = target_options(ocfg, 0)
+    if target.fluency_floor is not None and model is None:
+        raise ValueError("seed_replay: objective.fluency_floor needs the model (for log p_ref).")
+    lengths = torch.tensor([len(t) for t in terminals], dtype=torch.float64)  # tokens incl. EOS
     added = 0
     for index, prompt in enumerate(task.prompts):
         score = call_reward(task.reward, [prompt] * len(texts), texts, **task.reward_kwargs([index] * len(texts)))
-        keep = [i for i, s in enumerate(score.tolist()) if math.isfinite(s)]
+        below = None
+        if target.fluency_floor is not None:
+            log_ref = reference_log_probs(model, tokenizer, task, index, terminals, target)
+            below = below_fluency_floor(target, log_ref, lengths).tolist()
+        keep = [i for i, s in enumerate(score.tolist()) if math.isfinite(s) and not (below and below[i])]
         if len(keep) > replay.capacity:
             log.warning("exploration.replay.seed=%s: %d valid completions for prompt %d, more than "
                         "exploration.replay.capacity=%d; the buffer keeps the best of them",

@@ -59,6 +59,10 @@ def step_metrics(batch, result, grad_norms: dict, *, lr: float, max_new_tokens: 
         "exploration/fresh_unique_fraction":
             len({t for t, f in zip(traj.texts, fresh) if f}) / max(1, int(fresh.sum())),
     }
+    if result.below_floor is not None:  # objective.fluency_floor
+        m["reward/below_fluency_floor"] = float(result.below_floor.float().mean())
+    if result.log_ref_token_mean is not None:  # the prior or the floor reads log p_ref
+        m["log_ref/token_mean"] = result.log_ref_token_mean
     if "log_z" in grad_norms:
         m["grad_norm/log_z"] = grad_norms["log_z"]
     if log_z is not None:

@@ -23,7 +23,7 @@ from gf_odg.distributed import Dist
 from gf_odg.exploration import behaviour as exploration
 from gf_odg.generation.sampling import Trajectories, decoder_and_head, run_decoder, sample
 from gf_odg.generation.scoring import score_completions
-from gf_odg.log_reward import beta_at, log_reward, log_reward_fn
+from gf_odg.log_reward import below_fluency_floor, log_reward_fn, target_log_reward, target_options
 from gf_odg.model.loading import reference_mode
 from gf_odg.objectives import Objective, ObjectiveBatch
 from gf_odg.rewards.base import call_reward
@@ -66,6 +66,8 @@ class Loss:
     diagnostics: dict
     beta: float
     finite: bool  # on every process
+    below_floor: Optional[torch.Tensor] = None  # [N] bool: under objective.fluency_floor (None: floor off)
+    log_ref_token_mean: Optional[float] = None  # mean over the batch of log p_ref(y|x) / |y| (prior or floor on)
 
 
 def prompt_batch(task, tokenizer, indices: list[int], device) -> PromptBatch:
@@ -162,8 +164,9 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
     ocfg, tcfg, constraints = cfg.objective, cfg.trainer, parts.task.constraints
     traj, dev, policy = batch.traj, parts.device, parts.policy
     group = traj.group.to(dev)
-    beta = beta_at(ocfg, step)
-    needs_ref = ocfg.ref_weight != 0 or parts.objective.needs_reference
+    target = target_options(ocfg, step)
+    beta = target.beta
+    needs_ref = target.needs_reference or parts.objective.needs_reference
     want_eos = parts.objective.needs_prefix_scores  # log P_F(EOS | s_t) at every state, and prefix rewards
     log_ref = None
     ref_lp = None
@@ -172,7 +175,8 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
         ref_lp = reference_log_probs(policy, ocfg, tcfg, batch.prompts, group, tokens, lengths, constraints, want_eos)
         log_ref = ref_lp.total().float()
     score = batch.score.to(dev)
-    log_r = log_reward(score, beta, ocfg.log_reward_min, ocfg.ref_weight, log_ref)
+    log_r = target_log_reward(score, target, log_ref, lengths)
+    below = below_fluency_floor(target, log_ref, lengths)
 
     def score_rows(rows):
         return score_completions(policy, batch.prompts, group[rows], tokens[rows], lengths[rows], constraints,
@@ -201,19 +205,21 @@ def loss_and_backward(parts: StepParts, cfg, batch: StepBatch, step: int) -> Los
             # log Z started at 0 would need a thousand steps at log_z_lr = 0.1 to get there.
             parts.log_z.initialise(parts.dist.mean(float((log_r - log_pf.detach()).mean())))
         log_z = parts.log_z(parts.prompt_features(batch.prompt_indices))[group]
+    violated = ~torch.isfinite(score) if below is None else ~torch.isfinite(score) | below
     obj_batch = ObjectiveBatch(log_pf=log_pf, log_reward=log_r.detach(), score=score, group=group, log_z=log_z,
-                               log_ref=log_ref, lengths=traj.lengths.to(dev), beta=beta)
+                               log_ref=log_ref, lengths=lengths, beta=beta, violated=violated)
     if want_eos:
         obj_batch.log_pf_tokens = lp.token.float()
         obj_batch.log_pf_stop = lp.eos.float()
-        obj_batch.prefix_log_reward = _prefix_log_rewards(parts, ocfg, batch, beta, ref_lp)
+        obj_batch.prefix_log_reward = _prefix_log_rewards(parts, target, batch, ref_lp)
     loss, diag = parts.objective(obj_batch)
     finite = parts.dist.all_true(bool(torch.isfinite(loss)))  # every process skips, or none does
     if finite:
         loss.backward()
         if accumulate:
             _backward_micro_batches(score_rows, lp, len(traj), micro)
-    return Loss(loss, log_pf, log_r, log_z, diag, beta, finite)
+    token_mean = float((log_ref / lengths).mean()) if target.needs_reference else None
+    return Loss(loss, log_pf, log_r, log_z, diag, beta, finite, below, token_mean)
 
 
 @torch.no_grad()
@@ -242,7 +248,9 @@ def _backward_micro_batches(score_rows, leaves, n: int, micro: int) -> None:
         surrogate.backward()
 
 
-def _prefix_log_rewards(parts: StepParts, ocfg, batch: StepBatch, beta: float, ref_lp) -> torch.Tensor:
+def _prefix_log_rewards(parts: StepParts, target, batch: StepBatch, ref_lp) -> torch.Tensor:
+    """log R(s_t ⊤) [N, T]: the completion y_<t EOS, scored and priced as a whole completion
+    (target_log_reward with its t + 1 tokens)."""
     traj, dev = batch.traj, parts.device
     prefixes = [[parts.tokenizer.decode(tokens[:t], skip_special_tokens=True) for t in range(len(tokens))]
                 for tokens in traj.token_lists()]
@@ -254,23 +262,23 @@ def _prefix_log_rewards(parts: StepParts, ocfg, batch: StepBatch, beta: float, r
         pad = torch.full((scores.shape[0], width - scores.shape[1]), -math.inf, device=dev)
         scores = torch.cat([scores, pad], dim=1)
     log_ref = None
-    if ref_lp is not None and ocfg.ref_weight:
+    if ref_lp is not None and target.needs_reference:
         before = torch.cumsum(ref_lp.token, 1) - ref_lp.token
-        log_ref = before + ref_lp.eos  # log p_ref(y_<t, EOS)
-    value = scores[:, :width] / beta
-    if log_ref is not None:
-        value = value + ocfg.ref_weight * log_ref
+        log_ref = (before + ref_lp.eos).float()  # log p_ref(y_<t, EOS)
+    lengths = torch.arange(1, width + 1, device=dev).expand(scores.shape[0], width)  # y_<t and EOS
     # Floored like every log R: a prefix scoring -inf (a violation) is still a state that may
     # terminate wherever EOS is allowed, with a tiny reward, so SubTB pushes its EOS down as TB does.
     # (States whose EOS is masked are left out by the objective, from log P_F(EOS) = -inf.)
-    return torch.nan_to_num(value, nan=ocfg.log_reward_min, neginf=ocfg.log_reward_min).clamp(min=ocfg.log_reward_min)
+    return target_log_reward(scores[:, :width], target, log_ref, lengths)
 
 
-def add_to_replay(replay, batch: StepBatch, ocfg, step: int) -> None:
-    """The batch's fresh samples into the replay buffer (replayed ones are there already)."""
+def add_to_replay(replay, batch: StepBatch, ocfg, step: int, below_floor: Optional[torch.Tensor] = None) -> None:
+    """The batch's fresh samples into the replay buffer (replayed ones are there already), except
+    those under the fluency floor (`below_floor`, as the loss found them): violations, like -inf scores."""
     if replay is None:
         return
-    fresh = [i for i in range(len(batch.traj)) if not batch.from_replay[i]]
+    floored = [False] * len(batch.traj) if below_floor is None else below_floor.tolist()
+    fresh = [i for i in range(len(batch.traj)) if not batch.from_replay[i] and not floored[i]]
     tokens = batch.traj.token_lists()
     replay.add_batch([batch.prompts.texts[int(batch.traj.group[i])] for i in fresh],
                      [tuple(tokens[i]) for i in fresh], [batch.traj.texts[i] for i in fresh],

@@ -33,7 +33,7 @@ from gf_odg.evaluation.report import save_evaluation
 from gf_odg.io import checkpoints
 from gf_odg.io.model_card import write_model_card
 from gf_odg.io.tracking import Tracker
-from gf_odg.log_reward import beta_at, log_reward_fn
+from gf_odg.log_reward import beta_at, log_reward_fn, target_options
 from gf_odg.model.loading import load_policy, model_summary, resolve_device
 from gf_odg.objectives import build_log_z, build_objective, names_where
 from gf_odg.training import metrics as step_metrics
@@ -130,7 +130,7 @@ class Trainer:
             self.progress = state.restore(self.checkpointed, self.resume_from, self.device)
         elif self.replay is not None:
             seed_replay(self.replay, self.task, self.tokenizer, cfg.objective, cfg.exploration.replay.seed,
-                        cfg.task.evaluation.exact_limit)
+                        cfg.task.evaluation.exact_limit, self.model)
         self.tracker = Tracker(cfg.logger, self.run_dir, self.run_name, OmegaConf.to_container(cfg, resolve=True),
                                resume_id=self.progress.wandb_id, enabled=self.dist.is_main)
         self.progress.wandb_id = self.tracker.run_id
@@ -185,7 +185,7 @@ class Trainer:
             log_reward_fn=log_reward_fn(self.cfg.objective, self.global_step))
         metrics.update(batch.timings)
         metrics["time/score_backward"] = t1 - t0  # reference pass, scoring, backward, optimiser
-        add_to_replay(self.replay, batch, self.cfg.objective, self.global_step)
+        add_to_replay(self.replay, batch, self.cfg.objective, self.global_step, result.below_floor)
         return metrics
 
     def _count_nonfinite(self, finite: bool) -> None:
@@ -223,8 +223,7 @@ class Trainer:
         evaluation = evaluate_policy(self.model, self.tokenizer, self.task, ecfg.n_samples, ecfg.batch_size,
                                      beta=beta, seed=self.cfg.seed + 1000,
                                      share_prefill=self.cfg.trainer.share_prompt_prefill, exact=ecfg.exact,
-                                     log_reward_min=ocfg.log_reward_min, ref_weight=ocfg.ref_weight,
-                                     exact_limit=ecfg.exact_limit)
+                                     exact_limit=ecfg.exact_limit, target=target_options(ocfg, beta=beta))
         result, rows = evaluation.result, evaluation.rows
         save_evaluation(self.run_dir, tag, result, rows, self.task, exact=evaluation.exact, beta=beta,
                         plots=ecfg.plots)
