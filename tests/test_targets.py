@@ -287,3 +287,29 @@ def test_training_with_the_floor_leaves_no_mass_on_floored_completions(tmp_path)
     after = sum(exact_probs(trainer, 0)[t] for t in floored)
     assert after <= 0.01, (before, after)
 
+
+
+# ---------------------------------------------------------------- scripts/fluency_floor.py
+
+
+def test_fluency_floor_script_reports_percentiles_of_the_base_models_own_per_token_log_prob(tmp_path):
+    """The script's figures, recomputed from its samples with the independent forward of
+    `enumerable.base_log_probs` (whole vocabulary, EOS included, / (letters + 1))."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("fluency_floor_script", ROOT / "scripts" / "fluency_floor.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    trainer, _ = _trainer(tmp_path, "tb")
+    cfg = trainer.cfg
+    cfg.task.evaluation.n_samples, cfg.task.evaluation.batch_size = 40, 16  # three batches
+    report = script.run(cfg, tmp_path / "fluency")
+    assert json.loads((tmp_path / "fluency" / "fluency.json").read_text())["p25"] == report["p25"]
+    per_token = _per_token(trainer)
+    values = torch.tensor([per_token[row["completion"]] for row in report["samples"]], dtype=torch.float64)
+    assert len(values) == 40 and len(set(row["completion"] for row in report["samples"])) > 5
+    for p in (5, 25, 50, 75):
+        assert report[f"p{p}"] == pytest.approx(float(torch.quantile(values, p / 100)), abs=1e-4), p
