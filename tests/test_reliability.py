@@ -239,3 +239,24 @@ def test_deterministic_runs_and_a_killed_run_are_bit_identical_on_the_embedded_m
     for a_row, b_row in zip(a_steps, b_steps):
         assert {k: v for k, v in a_row.items() if not k.startswith("time/")} == \
                {k: v for k, v in b_row.items() if not k.startswith("time/")}
+
+
+def test_a_deterministic_resume_with_another_thread_count_warns_and_close_restores_the_flag(cfg_factory, tmp_path,
+                                                                                            caplog):
+    from gf_odg.training.trainer import Trainer
+
+    args = (*TINY, "trainer.samples_per_prompt=4", "trainer.deterministic=true", "trainer.threads=1", "run_name=t")
+    first = Trainer(cfg_factory(*args), tmp_path / "run")
+    first.setup()
+    assert torch.are_deterministic_algorithms_enabled()
+    saved = first.save_checkpoint()
+    first.close()
+    assert not torch.are_deterministic_algorithms_enabled()  # process-wide: put back as it was
+    state = torch.load(saved / "state.pt", weights_only=False)
+    assert state["threads"] == 1
+    torch.save({**state, "threads": 3}, saved / "state.pt")  # as if written by a run with 3 threads
+    second = Trainer(cfg_factory(*args, "resume=auto"), tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        second.setup()
+    second.close()
+    assert any("3 CPU thread(s)" in r.message and "trainer.threads=3" in r.message for r in caplog.records)
