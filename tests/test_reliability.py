@@ -177,3 +177,86 @@ def test_the_same_seed_gives_the_same_metrics_step_for_step(cfg_factory, tmp_pat
             rows.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
         runs.append(rows)
     assert runs[0] == runs[1]
+
+
+# The embedded 4-bit SmolLM2 with 2 threads: the one kernel that differs from run to run (the backward of
+# the shared prompt's KV-cache indexing, gf_odg/training/state.py: deterministic_kernels) needs more than one.
+DETERMINISTIC = ["trainer.deterministic=true", "trainer.threads=2", "exploration=replay", "trainer.samples_per_prompt=8",
+                 "trainer.max_steps=2", "trainer.checkpoint_every=1", "task.evaluation.n_samples=8",
+                 "task.evaluation.before_training=false", "task.evaluation.plots=false", "task.evaluation.exact=false",
+                 "trainer.progress=false", "logger=none"]
+
+
+def _checkpoint(folder: Path) -> tuple[dict, dict]:
+    return (_adapter(folder / "adapter"), torch.load(folder / "state.pt", weights_only=True))
+
+
+def _assert_same_bits(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_bits(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_bits(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_deterministic_runs_and_a_killed_run_are_bit_identical_on_the_embedded_model(tmp_path):
+    """Run A: two steps. Run B, a second process: killed by SIGKILL after its step-1 checkpoint, then
+    resumed for step 2 in a third. Step 1 of A and B (two independent runs) and step 2 (a resumed run)
+    must agree bit for bit: adapter, log Z, optimiser, RNG streams, replay buffer, every metric."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = run_train([*DETERMINISTIC, "run_name=full"], a)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    cmd = [sys.executable, str(ROOT / "train.py"), *DETERMINISTIC, "run_name=cut", f"hydra.run.dir={b}/run",
+           f"paths.checkpoints={b}/checkpoints", f"paths.adapted_models={b}/adapted"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (b / "checkpoints" / "cut" / "step_000001" / "COMPLETE").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "adapted" / "cut").exists()  # it never finished
+    resumed = run_train([*DETERMINISTIC, "run_name=cut", "resume=auto"], b)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    for step in ("step_000001", "step_000002"):
+        a_adapter, a_state = _checkpoint(a / "checkpoints" / "full" / step)
+        b_adapter, b_state = _checkpoint(b / "checkpoints" / "cut" / step)
+        _assert_same_bits(a_adapter, b_adapter, f"{step} adapter")
+        for key in ("step", "log_z", "optimizer", "scheduler", "rng", "replay", "found"):
+            _assert_same_bits(a_state[key], b_state[key], f"{step} {key}")
+    _assert_same_bits(_adapter(a / "adapted" / "full"), _adapter(b / "adapted" / "cut"), "final adapter")
+    a_steps, b_steps = _steps(a / "run"), _steps(b / "run")
+    assert [row["step"] for row in a_steps] == [row["step"] for row in b_steps] == [1, 2]
+    for a_row, b_row in zip(a_steps, b_steps):
+        assert {k: v for k, v in a_row.items() if not k.startswith("time/")} == \
+               {k: v for k, v in b_row.items() if not k.startswith("time/")}
+
+
+def test_a_deterministic_resume_with_another_thread_count_warns_and_close_restores_the_flag(cfg_factory, tmp_path,
+                                                                                            caplog):
+    from gf_odg.training.trainer import Trainer
+
+    args = (*TINY, "trainer.samples_per_prompt=4", "trainer.deterministic=true", "trainer.threads=1", "run_name=t")
+    first = Trainer(cfg_factory(*args), tmp_path / "run")
+    first.setup()
+    assert torch.are_deterministic_algorithms_enabled()
+    saved = first.save_checkpoint()
+    first.close()
+    assert not torch.are_deterministic_algorithms_enabled()  # process-wide: put back as it was
+    state = torch.load(saved / "state.pt", weights_only=False)
+    assert state["threads"] == 1
+    torch.save({**state, "threads": 3}, saved / "state.pt")  # as if written by a run with 3 threads
+    second = Trainer(cfg_factory(*args, "resume=auto"), tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        second.setup()
+    second.close()
+    assert any("3 CPU thread(s)" in r.message and "trainer.threads=3" in r.message for r in caplog.records)

@@ -89,6 +89,25 @@ def test_benchmark_memory_selective_scoring_holds_less_than_the_full_logits(tmp_
     assert math.isclose(row["ratio"], row["peak_mb_selective"] / row["peak_mb_naive"]) and row["ratio"] < 0.5, row
 
 
+@pytest.mark.slow
+def test_benchmark_determinism_times_both_kernels_in_one_trainer_and_puts_the_flag_back(tmp_path, monkeypatch):
+    from gf_odg.training.trainer import Trainer
+
+    flags, step = [], Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda self: flags.append(torch.are_deterministic_algorithms_enabled())
+                        or step(self))
+    out = tmp_path / "bench"
+    assert bench_main(["determinism", "--model", "tiny-random", "--quick", "--out", str(out)]) == 0
+    assert flags == [False, False, True]  # warm-up, then default and deterministic steps alternated
+    assert not torch.are_deterministic_algorithms_enabled()
+    report, md = _report(out)
+    r = report["determinism"]
+    assert (r["K"], r["steps_each"], r["threads"]) == (4, 1, 1)
+    assert r["default_step_s"] > 0 and r["deterministic_step_s"] > 0
+    assert math.isclose(r["ratio"], r["deterministic_step_s"] / r["default_step_s"])
+    assert f"default {r['default_step_s']:.3f} s, deterministic {r['deterministic_step_s']:.3f} s" in md
+
+
 def test_benchmark_section_registry_runs_a_module_that_only_has_run(tmp_path, monkeypatch):
     """The interface another section (gpu) relies on: a module with `run(ctx)` alone, named in
     SECTIONS, is chosen by name, gets the context, and its rows land in benchmark.json and, without a

@@ -182,6 +182,7 @@ class TrainerConfig:
     sample_table_every: int = 20
     max_nonfinite_steps: int = 5
     threads: int = 0  # torch threads on the CPU; 0 leaves torch's default
+    deterministic: bool = False  # bit-identical reruns and resumes (torch's deterministic kernels; training/state.py)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     optimizer: str = "adamw"  # adamw | paged_adamw_8bit
     progress: bool = True

@@ -6,6 +6,7 @@ the optimiser state is too, and the adapter is gathered whole on save and re-sha
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def deterministic_kernels(enabled: bool, device: torch.device) -> tuple[bool, bool]:
+    """trainer.deterministic: torch's deterministic kernels, process-wide; returns the previous
+    (enabled, warn_only) for `Trainer.close` to put back.
+
+    On the CPU the one kernel of a step that gives different bits from run to run is the backward of
+    indexing with a tensor: the shared prompt's KV cache and last hidden state handed to its K samples
+    (`prefill`). With more than one thread, `index_put_(accumulate=True)` adds the K gradients with
+    atomic float adds in whatever order the threads reach them; the deterministic kernel sorts the
+    indices and adds in order. With one thread, or `trainer.share_prompt_prefill=false`, every step
+    is already bit-identical. On CUDA cuBLAS needs a fixed workspace as well; a kernel that has no
+    deterministic version warns (`warn_only`) and the run goes on."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if enabled:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+            torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        log.info("trainer.deterministic: deterministic kernels, %d CPU thread(s)", torch.get_num_threads())
+    return previous
 
 
 @dataclass
@@ -110,6 +132,7 @@ def full_state(c: Checkpointed, progress: Progress, processes: Optional[list] = 
         "nonfinite_total": progress.nonfinite_total,
         "found": sorted(progress.found),
         "wandb_id": progress.wandb_id,
+        "threads": torch.get_num_threads(),  # bit-identical resumes need the same count (trainer.deterministic)
         "base_model": c.base_path,
         "run_name": c.run_name,
     }
@@ -157,6 +180,11 @@ def restore(c: Checkpointed, path: Path, device) -> Progress:
         c.optimizer.load_state_dict(state["optimizer"])
     c.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(c.generators, own["rng"])
+    saved_threads = state.get("threads")
+    if torch.are_deterministic_algorithms_enabled() and saved_threads not in (None, torch.get_num_threads()):
+        log.warning("trainer.deterministic: checkpoint %s was written with %d CPU thread(s), this run has %d; "
+                    "it will not continue bit for bit. Set trainer.threads=%d.", path, saved_threads,
+                    torch.get_num_threads(), saved_threads)
     if c.replay is not None and own.get("replay") is not None:
         c.replay.load_state_dict(own["replay"])
     log.info("resumed from %s at step %d", path, int(state["step"]))

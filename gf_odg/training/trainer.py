@@ -99,6 +99,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.trainer.threads > 0:
             torch.set_num_threads(cfg.trainer.threads)
+        self._deterministic_before = state.deterministic_kernels(cfg.trainer.deterministic, self.device)
         seed_everything(cfg.seed)
         if not self.dist.is_main:  # processes: rank 0 first, it converts or downloads the base model once
             self.dist.barrier()
@@ -278,6 +279,9 @@ class Trainer:
     def close(self, exit_code: int = 0) -> None:
         if getattr(self, "tracker", None) is not None:
             self.tracker.finish(exit_code)
+        if getattr(self, "_deterministic_before", None) is not None:  # process-wide: as it was before setup
+            enabled, warn_only = self._deterministic_before
+            torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         self.dist.close()
 
 
