@@ -3,8 +3,7 @@
 The enumerable problem of tests/enumerable.py in its short form (12 completions of 1..2 letters, two
 prompts), made hard enough that a plausible wrong implementation fails: beta = 2 with the table
 rescaled, a third of the completions -inf (floored at -10, SubTB at -5; one of them, "b", a prefix of
-valid ones),
-four scoring chunks, partition functions that differ between the prompts (vargrad, a conditioned log Z)
+valid ones), four scoring chunks, partition functions that differ between the prompts (vargrad, a conditioned log Z)
 or sit away from log Z's initial value (a scalar one), and in the tempered + epsilon column lambda = 1
 with p_ref computed independently (the base model's own unmasked probability, EOS included). Each cell
 trains the tiny model and computes the policy's exact distribution: TV to the target, invalid mass
@@ -54,10 +53,11 @@ OBJECTIVES = {
     "tb-conditioned": (["objective=tb", "objective.log_z=conditioned", "trainer.log_z_lr=0.1"], (0.5, 2.5)),
     "vargrad": (["objective=vargrad"], (0.5, 2.5)),
     # A scalar log Z anchors s_0: one value for both prompts. The floor at -5 (target mass on the invalid
-    # completions 0.002): every pair through the state "b" needs log P_F(EOS | b) = log R(b) - log F(b),
-    # -11.6 at a floor of -10, beyond what the tiny model's logits reach (about -8.5); TB's completion
-    # "b" is as unreachable but rare, while 70% of SubTB's trajectories pass through "b" (measured at -10:
-    # TV 0.15-0.18 in every column; at -5, 0.005-0.03).
+    # completions 0.004): every pair through the state "b" needs log P_F(EOS | b) = log R(b) - log F(b),
+    # -11 to -11.7 at a floor of -10, beyond the tiny model's logits (three letter logits a few nats apart,
+    # all ~11 above EOS's 0); TB's completion "b" is as unreachable but rarely drawn, while 37-77% of
+    # SubTB's trajectories pass through "b" (measured at -10: TV 0.15-0.18 in every column; at -5,
+    # 0.005-0.03).
     "subtb": (["objective=subtb", "objective.log_reward_min=-5"], (2.0, 2.0)),
 }
 TEMPERED = ["exploration=default", "exploration.p_temper=1.0", "exploration.temper_lo=1.0",
@@ -74,9 +74,9 @@ BEHAVIOURS = {
     "replay-global": ([*REPLAY, "exploration.replay.scope=global"], 70),
 }
 # Two processes: each objective once and each behaviour once (a diagonal: what processes change, per-process
-# replay buffers, log Z's first-batch initialisation and averaged gradients, each process's prompt features
-# for the conditioned head, vargrad's per-prompt statistics, is covered by some cell, at a quarter of the
-# cost of the full matrix). Measured once the other way round, vargrad x tempered-eps ended at 0.017 / 0.045.
+# replay buffers and behaviour streams, averaged LoRA and log Z gradients, each process's prompt features for
+# the conditioned head, vargrad's per-process statistics, is covered by some cell, at a quarter of the cost
+# of the full matrix). Measured once the other way round, vargrad x tempered-eps ended at 0.017 / 0.045.
 TWO_PROCESS = [("tb-scalar", "replay-global"), ("tb-conditioned", "on-policy"), ("vargrad", "replay-prompt"),
                ("subtb", "tempered-eps")]
 TV_MAX = 0.05
