@@ -183,7 +183,7 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
         assert torch.equal(r1["start"][key], r0["built"][key]), key  # rank 1 holds rank 0's, bit for bit
         assert torch.equal(r0["params"][key], r1["params"][key]), key  # and both still agree after training
     assert any(float(r0["params"][k].abs().max()) > 0 for k in keys if "lora_B" in k)  # training moved B
-    # The weights load into a policy built here from the same config (as the exactness matrix reads them).
+    # The weights load into a policy built here from the same config, to evaluate a two-process run here.
     from gf_odg.model.loading import load_policy
     from gf_odg.objectives import build_log_z
 

@@ -1,6 +1,7 @@
-"""Launching training processes from tests: two processes (gloo on the CPU) under `accelerate launch`, and the
-two-process cells of the exactness matrix (issue 17), which train through tests/ddp_worker.py and read back
-the trained LoRA and log Z weights to compute the exact distribution in the test's own process."""
+"""Launching training processes from tests: two processes (gloo on the CPU) under `accelerate launch`; training
+through tests/ddp_worker.py and reading back the trained LoRA and log Z weights, to compare or to evaluate in
+the test's own process. (The exactness matrix's two-process cells launch tests/matrix_worker.py, which
+evaluates its cells itself: tests/test_matrix.py.)"""
 
 from __future__ import annotations
 
