@@ -126,3 +126,17 @@ def test_an_on_policy_objective_refuses_exploration_naming_the_keys(overrides, k
 ])
 def test_on_policy_settings_and_off_policy_objectives_validate(overrides):
     validate(compose_cfg(overrides))
+
+
+@pytest.mark.parametrize("overrides, floor", [
+    ([], -15.0),  # rng's own floor (configs/task/rng.yaml)
+    (["objective=vargrad"], -15.0),  # every objective file follows the task
+    (["objective=subtb", "objective.log_reward_min=-30"], -30.0),  # an explicit objective floor wins
+    (["task=keywords"], -50.0),  # a task that sets none: the schema's default
+    (["experiment=sparse_rng"], -50.0),  # the whole vocabulary needs a lower floor than rng's
+    (["experiment=keywords"], -1000.0),
+])
+def test_the_floor_follows_the_task_unless_the_objective_sets_it(overrides, floor):
+    cfg = compose_cfg(overrides)
+    assert cfg.objective.log_reward_min == floor
+    validate(cfg)

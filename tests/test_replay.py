@@ -98,6 +98,33 @@ def test_sampling_frequencies_match_priorities(priority):
     assert_matches(draw_frequencies(buffer, "p", n, tempered(beta)), expected, n)
 
 
+def test_ratio_priority_draws_the_under_sampled_first_and_survives_a_checkpoint(tmp_path):
+    beta, temperature, n = 2.0, 0.5, 20_000
+    buffer = ReplayBuffer(capacity=10, priority="ratio", priority_temperature=temperature)
+    for i, s in enumerate(SCORES):
+        assert buffer.add("p", [i, 0], f"t{i}", s)
+    # nothing scored yet: uniform; then only the entries not scored yet (seeded ones come first)
+    assert torch.allclose(buffer.probabilities("p", tempered(beta)), torch.full((6,), 1 / 6, dtype=torch.float64))
+    log_pf = [-1.0, -4.0, -0.5, -2.0, -3.0, -6.0]
+    buffer.record_log_pf(["p"] * 5, [[i, 0] for i in range(5)], log_pf[:5])
+    buffer.record_log_pf(["p", "other"], [[9, 9], [5, 0]], [0.0, 0.0])  # not in the buffer: ignored
+    assert buffer.probabilities("p", tempered(beta)).tolist() == [0, 0, 0, 0, 0, 1]
+    buffer.record_log_pf(["p"], [[5, 0]], [log_pf[5]])
+    scores = torch.tensor(SCORES, dtype=torch.float64)
+    expected = torch.softmax((scores / beta - torch.tensor(log_pf, dtype=torch.float64)) / temperature, dim=0)
+    probs = buffer.probabilities("p", tempered(beta))
+    assert torch.allclose(probs, expected)
+    assert int(probs.argmax()) == 5 and int(probs.argmin()) == 0  # R/P_F: e^1.75 / e^-6 most, e^0 / e^-1 least
+    assert_matches(draw_frequencies(buffer, "p", n, tempered(beta)), expected, n)
+    buffer.record_log_pf(["p"], [[5, 0]], [-1.0])  # the latest score counts
+    assert int(buffer.probabilities("p", tempered(beta)).argmax()) == 1
+    path = tmp_path / "replay.pt"
+    torch.save(buffer.state_dict(), path)
+    restored = ReplayBuffer(capacity=10, priority="ratio", priority_temperature=temperature)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(restored.probabilities("p", tempered(beta)), buffer.probabilities("p", tempered(beta)))
+
+
 def test_retempering_changes_priorities_not_scores():
     buffer = ReplayBuffer(capacity=10, priority="softmax")
     for i, s in enumerate(SCORES):
@@ -287,6 +314,34 @@ def test_seed_enumerate_fills_the_buffer_with_every_valid_completion_under_its_o
             assert e.tokens[-1] == trainer.task.constraints.eos_id
             assert trainer.tokenizer.decode(e.tokens, skip_special_tokens=True) == e.text
     assert len(trainer.replay) == sum(len(t) for t in tables.values())
+    # one step records the policy's log P_F of every trained row that is in the buffer (priority=ratio)
+    trainer.step()
+    batch, recorded = trainer.last_batch, trainer.replay._log_pf
+    prompts = [batch.prompts.texts[int(g)] for g in batch.traj.group]
+    in_buffer = [(p, tuple(t)) for p, t, s in zip(prompts, batch.traj.token_lists(), batch.score.tolist())
+                 if math.isfinite(s)]
+    assert in_buffer and all(key in recorded for key in in_buffer)
+    log_pf = recorded[in_buffer[0]]
+    assert -50 < log_pf < 0
+
+
+@pytest.mark.slow
+def test_ratio_priority_rescores_the_whole_pool_under_the_current_policy(tmp_path):
+    from gf_odg.evaluation.exact import completion_log_probs
+
+    trainer, tables = _seeded_trainer(tmp_path, "enumerate", ["exploration.replay.priority=ratio"])
+    trainer.step()  # trains: the recorded values are now stale for every entry
+    batch = trainer.collect()  # rescores the chosen prompt's pool before drawing from it
+    prompt_index = batch.prompt_indices[0]
+    prompt = trainer.task.prompts[prompt_index]
+    entries = trainer.replay.entries(prompt)
+    expected = completion_log_probs(trainer.parts.policy, trainer.tokenizer, trainer.task, prompt_index,
+                                    [list(e.tokens) for e in entries])
+    recorded = torch.tensor([trainer.replay._log_pf[(prompt, e.tokens)] for e in entries], dtype=torch.float64)
+    assert torch.allclose(recorded, expected, atol=1e-5)
+    probs = trainer.replay.probabilities(prompt, lambda s: s / trainer.cfg.objective.beta)
+    deficit = torch.tensor([e.score for e in entries], dtype=torch.float64) / trainer.cfg.objective.beta - expected
+    assert int(probs.argmax()) == int(deficit.argmax())  # the most under-sampled entry comes first
 
 
 @pytest.mark.slow

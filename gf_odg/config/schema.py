@@ -106,6 +106,9 @@ class TaskConfig:
     system_prompt: Optional[str] = None
     chat_template: Optional[bool] = None  # None: the model config decides
     max_new_tokens: int = 16
+    # The floor of log R that suits this task's reward scale: objective.log_reward_min follows it
+    # (configs/objective/*.yaml); a hard violation's target mass is exp(floor) per completion.
+    log_reward_min: float = -50.0
     constraints: Any = field(default_factory=dict)
     reward: Any = MISSING  # a Hydra `_target_` node: any callable (prompts, completions, **kw) -> scores
     reward_weights: Optional[list[float]] = None  # one per entry when `reward` is a list (TRL's reward_weights)
@@ -137,7 +140,7 @@ class ReplayConfig:
     enabled: bool = False
     capacity: int = 1000
     scope: str = "prompt"  # prompt | global
-    priority: str = "softmax"  # uniform | rank | softmax
+    priority: str = "softmax"  # uniform | rank | softmax | ratio (gf_odg/exploration/replay.py)
     priority_temperature: float = 1.0
     dedup: str = "exact"  # exact | edit | embedding
     dedup_threshold: float = 0.1

@@ -9,6 +9,7 @@ import math
 
 from gf_odg.errors import ConfigError
 from gf_odg.log_reward import REF_NORMALIZE
+from gf_odg.exploration.replay import PRIORITIES
 from gf_odg.objectives import OBJECTIVES
 
 
@@ -101,8 +102,7 @@ def validate(cfg) -> None:
     if r.enabled:
         need(r.capacity >= 1, "exploration.replay.capacity", r.capacity, ">= 1 when replay is enabled")
         need(r.priority_temperature > 0, "exploration.replay.priority_temperature", r.priority_temperature, "> 0")
-        need(r.priority in ("uniform", "rank", "softmax"), "exploration.replay.priority", r.priority,
-             "uniform, rank or softmax")
+        need(r.priority in PRIORITIES, "exploration.replay.priority", r.priority, ", ".join(PRIORITIES))
         need(r.scope in ("prompt", "global"), "exploration.replay.scope", r.scope, "prompt or global")
         need(r.dedup in ("exact", "edit", "embedding"), "exploration.replay.dedup", r.dedup, "exact, edit or embedding")
         need(r.seed in ("none", "enumerate", "auto"), "exploration.replay.seed", r.seed, "none, enumerate or auto")

@@ -27,6 +27,12 @@ Sampling is with replacement, with probabilities over the N candidate entries:
   rank:     p_i ∝ 1 / (k N + rank_i), rank 0 = highest log-reward, k = RANK_K (Tripp et al. 2020,
             weighted retraining); ties in log-reward are ranked oldest first.
   softmax:  p_i ∝ exp(log_reward_i / priority_temperature)
+  ratio:    p_i ∝ (R_i / P_F(y_i))^(1 / priority_temperature), with P_F the policy's probability of
+            the entry as last recorded (`record_log_pf`; the trainer rescores the prompt's whole pool
+            under the current policy before each draw, gf_odg.training.step.rescore_replay): the
+            completions the policy under-samples most, relative to their reward, come first. An
+            entry never scored comes before every scored one. This is the target-to-policy ratio
+            whose minimum the exact evaluation reports (`exact_min_ratio`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from gf_odg.errors import ConfigError
 RANK_K = 1e-2
 HISTOGRAM_BINS = 64  # letters hashed into bins; merging letters keeps the bag distance a lower bound
 SCOPES = ("prompt", "global")
-PRIORITIES = ("uniform", "rank", "softmax")
+PRIORITIES = ("uniform", "rank", "softmax", "ratio")
 DEDUPS = ("exact", "edit", "embedding")
 STATE_VERSION = 1
 _INF = 1 << 40  # an edit distance no text reaches
@@ -168,6 +174,7 @@ class ReplayBuffer:
         # pool key (the prompt, or None for the global pool) -> {(prompt, tokens): entry}, oldest first
         self._pools: dict[Optional[str], dict[tuple[str, tuple[int, ...]], ReplayEntry]] = {}
         self._features: dict[tuple[str, tuple[int, ...]], Any] = {}  # _text_features cache, rebuilt on demand
+        self._log_pf: dict[tuple[str, tuple[int, ...]], float] = {}  # (prompt, tokens) -> last log P_F (ratio)
 
     @classmethod
     def from_config(cls, cfg: Any, embed_fn: Optional[EmbedFn] = None) -> "ReplayBuffer":
@@ -260,6 +267,17 @@ class ReplayBuffer:
     def _remove(self, pool: dict, key: tuple[str, tuple[int, ...]]) -> None:
         del pool[key]
         self._features.pop(key, None)
+        self._log_pf.pop(key, None)
+
+    def record_log_pf(self, prompts: Sequence[str], tokens: Sequence[Sequence[int]],
+                      log_pf: Sequence[float]) -> None:
+        """The policy's log P_F of trajectories it was just trained on; kept for those in the buffer
+        (what `priority="ratio"` reads; other priorities ignore it)."""
+        for prompt, toks, value in zip(prompts, tokens, log_pf):
+            key = (prompt, self._as_tuple(toks))
+            pool = self._pools.get(prompt if self.scope == "prompt" else None, {})
+            if key in pool and math.isfinite(float(value)):
+                self._log_pf[key] = float(value)
 
     def _near_duplicates(self, pool: dict, new: ReplayEntry, feature: Any) -> list:
         keys = [k for k in pool if k[0] == new.prompt]
@@ -329,6 +347,13 @@ class ReplayBuffer:
             rank[order] = torch.arange(n, dtype=torch.float64)
             weights = 1.0 / (RANK_K * n + rank)
             return weights / weights.sum()
+        if self.priority == "ratio":
+            log_pf = torch.tensor([self._log_pf.get((e.prompt, e.tokens), math.nan) for e in entries],
+                                  dtype=torch.float64)
+            unscored = torch.isnan(log_pf)
+            if unscored.any():  # not scored yet: these first, uniformly
+                return unscored.double() / unscored.sum()
+            log_rewards = log_rewards - log_pf
         if log_rewards.max() == -math.inf:  # nothing to prefer
             return torch.full((n,), 1.0 / n, dtype=torch.float64)
         return torch.softmax(log_rewards / self.priority_temperature, dim=0)
@@ -372,7 +397,8 @@ class ReplayBuffer:
         return {
             "version": STATE_VERSION,
             "entries": [{"prompt": e.prompt, "tokens": list(e.tokens), "text": e.text, "score": e.score,
-                         "extra": e.extra} for e in self.entries()],
+                         "extra": e.extra, "log_pf": self._log_pf.get((e.prompt, e.tokens))}
+                        for e in self.entries()],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -383,10 +409,12 @@ class ReplayBuffer:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"replay: unknown state version {state.get('version')!r}, expected {STATE_VERSION}.")
-        self._pools, self._features = {}, {}
+        self._pools, self._features, self._log_pf = {}, {}, {}
         for item in state["entries"]:
             entry = ReplayEntry(item["prompt"], tuple(item["tokens"]), item["text"], float(item["score"]),
                                 item.get("extra"))
+            if item.get("log_pf") is not None:
+                self._log_pf[(entry.prompt, entry.tokens)] = float(item["log_pf"])
             self._pools.setdefault(entry.prompt if self.scope == "prompt" else None, {})[
                 (entry.prompt, entry.tokens)] = entry
         for name, pool in self._pools.items():

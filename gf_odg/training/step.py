@@ -122,6 +122,8 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
             # Always this prompt's entries, whatever the scope: a trajectory is trained under the prompt
             # it was scored with (a global pool shares memory and priorities, not (x, y, R) triples).
             key = task.prompts[i]
+            if parts.replay.priority == "ratio" and parts.replay.size(key) > 0:
+                rescore_replay(parts, tcfg, prompts, row, key)
             if parts.replay.size(key) > 0:
                 replayed += [(row, e) for e in parts.replay.sample(key, n_replay, behaviour_gen,
                                                                     log_reward_fn(cfg.objective, step))]
@@ -144,6 +146,25 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
     timings = {"time/sample": t1 - t0, "time/reward": t2 - t1}
     return StepBatch(prompts, indices, traj, score, from_replay, timings,
                      temperature_mean=float(temps.mean()) if len(temps) else 1.0, epsilon=eps)
+
+
+@torch.no_grad()
+def rescore_replay(parts: StepParts, tcfg, prompts: PromptBatch, row: int, key: str) -> None:
+    """log P_F of every entry of this prompt's pool under the current policy, recorded for
+    `priority=ratio`: a completion the policy stopped sampling has no fresh score otherwise, and its
+    stale one hides that it is starved (on `rng`, "100" kept a recorded log P_F of -4.95 while the
+    policy's fell to -13). One no-grad pass over the pool: cheap on enumerable tasks."""
+    entries = parts.replay.entries(key)
+    eos_id = parts.task.constraints.eos_id
+    width = max(len(e.tokens) for e in entries)
+    tokens = torch.full((len(entries), width), eos_id, dtype=torch.long)
+    for i, e in enumerate(entries):
+        tokens[i, : len(e.tokens)] = torch.tensor(e.tokens)
+    lengths = torch.tensor([len(e.tokens) for e in entries])
+    group = torch.full((len(entries),), row, dtype=torch.long, device=parts.device)
+    lp = score_completions(parts.policy, prompts, group, tokens.to(parts.device), lengths.to(parts.device),
+                           parts.task.constraints, eos_id, tcfg.share_prompt_prefill, tcfg.score_chunk_rows)
+    parts.replay.record_log_pf([key] * len(entries), [e.tokens for e in entries], lp.total().double().cpu().tolist())
 
 
 def merge_replayed(traj: Trajectories, replayed: list, eos_id: int, device) -> Trajectories:
@@ -272,14 +293,20 @@ def _prefix_log_rewards(parts: StepParts, target, batch: StepBatch, ref_lp) -> t
     return target_log_reward(scores[:, :width], target, log_ref, lengths)
 
 
-def add_to_replay(replay, batch: StepBatch, ocfg, step: int, below_floor: Optional[torch.Tensor] = None) -> None:
+def add_to_replay(replay, batch: StepBatch, ocfg, step: int, below_floor: Optional[torch.Tensor] = None,
+                  log_pf: Optional[torch.Tensor] = None) -> None:
     """The batch's fresh samples into the replay buffer (replayed ones are there already), except
-    those under the fluency floor (`below_floor`, as the loss found them): violations, like -inf scores."""
+    those under the fluency floor (`below_floor`, as the loss found them): violations, like -inf scores.
+    `log_pf` [N], the policy's log P_F of each row as the loss scored it, is recorded for every row
+    in the buffer (what exploration.replay.priority=ratio reads)."""
     if replay is None:
         return
     floored = [False] * len(batch.traj) if below_floor is None else below_floor.tolist()
     fresh = [i for i in range(len(batch.traj)) if not batch.from_replay[i] and not floored[i]]
     tokens = batch.traj.token_lists()
-    replay.add_batch([batch.prompts.texts[int(batch.traj.group[i])] for i in fresh],
-                     [tuple(tokens[i]) for i in fresh], [batch.traj.texts[i] for i in fresh],
+    prompts = [batch.prompts.texts[int(g)] for g in batch.traj.group]
+    replay.add_batch([prompts[i] for i in fresh], [tuple(tokens[i]) for i in fresh],
+                     [batch.traj.texts[i] for i in fresh],
                      [float(batch.score[i]) for i in fresh], log_reward_fn=log_reward_fn(ocfg, step))
+    if log_pf is not None:
+        replay.record_log_pf(prompts, tokens, log_pf.detach().double().cpu().tolist())

@@ -97,6 +97,12 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.cfg
+        replay_cfg = cfg.exploration.replay
+        if self.dist.fsdp and replay_cfg.enabled and replay_cfg.priority == "ratio":
+            # its rescoring pass runs on a process only when that process's pool is not empty: under
+            # FSDP every forward is a collective, and the counts would fall out of step
+            raise ConfigError("exploration.replay.priority=ratio is not supported under FSDP; launch with "
+                              "configs/accelerate/ddp.yaml or pick priority=softmax.")
         if cfg.trainer.threads > 0:
             torch.set_num_threads(cfg.trainer.threads)
         self._deterministic_before = state.deterministic_kernels(cfg.trainer.deterministic, self.device)
@@ -186,7 +192,8 @@ class Trainer:
             log_reward_fn=log_reward_fn(self.cfg.objective, self.global_step))
         metrics.update(batch.timings)
         metrics["time/score_backward"] = t1 - t0  # reference pass, scoring, backward, optimiser
-        add_to_replay(self.replay, batch, self.cfg.objective, self.global_step, result.below_floor)
+        add_to_replay(self.replay, batch, self.cfg.objective, self.global_step, result.below_floor,
+                      result.log_pf)
         return metrics
 
     def _count_nonfinite(self, finite: bool) -> None:
