@@ -130,7 +130,15 @@ def test_on_policy_objectives_refuse_local_search(cfg_factory):
 
 @pytest.mark.slow
 def test_tb_with_local_search_still_reaches_the_exact_target(tmp_path):
-    extra = ["trainer.max_steps=200", "trainer.lr_schedule=cosine", f"{LS}.enabled=true", f"{LS}.back_off=2",
-             f"{LS}.fraction=0.5"]
-    trainer = _train(enumerable_cfg(tmp_path / "ls", "tb", extra=extra), tmp_path / "ls")
-    assert max(exact_tvs(trainer)) <= 0.05
+    """The same 200-step run with and without local search (greedy, half the fresh samples): both reach
+    the exact target. (Measured: TV 0.011 with, 0.014 without, seeds 1 and 2 alike; about 6 s each.)"""
+    plain = ["trainer.max_steps=200", "trainer.lr_schedule=cosine", "exploration=default"]
+    searched = [*plain, f"{LS}.enabled=true", f"{LS}.back_off=2", f"{LS}.fraction=0.5"]
+    without = max(exact_tvs(_train(enumerable_cfg(tmp_path / "plain", "tb", extra=plain), tmp_path / "plain")))
+    trainer = Trainer(enumerable_cfg(tmp_path / "ls", "tb", extra=searched), tmp_path / "ls" / "run")
+    trainer.setup()
+    accepted = [trainer.step()["local_search/accept_rate"] for _ in range(200)]
+    with_ls = max(exact_tvs(trainer))
+    assert sum(accepted) > 0  # it did refine samples
+    assert without <= 0.05 and with_ls <= 0.05, (with_ls, without)
+    assert with_ls <= without + 0.02, (with_ls, without)
