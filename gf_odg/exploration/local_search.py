@@ -72,15 +72,15 @@ def refine(policy, tokenizer, prompts, traj: Trajectories, score: torch.Tensor, 
     `score_fn(group, texts) -> [M]` scores completions of the PromptBatch rows `group`; `log_reward`
     maps scores to the log R the acceptance compares; `settings` is `exploration.local_search`."""
     n = len(traj)
+    if n == 0:
+        return traj, score, {"local_search/accept_rate": 0.0, "local_search/score_gain": 0.0}
     tokens, texts, score = traj.token_lists(), list(traj.texts), score.clone().float()
-    m = min(n, max(1, round(settings.fraction * n))) if n else 0
+    m = min(n, max(1, round(settings.fraction * n)))
     rows = torch.arange(n) if m == n else torch.randperm(n, generator=generator)[:m].sort().values
     group = traj.group[rows.to(traj.group.device)]
     proposed = accepted = 0
     before = score[rows].clone()
     for _ in range(int(settings.iterations)):
-        if m == 0:
-            break
         prefixes = [tokens[i][: kept_length(len(tokens[i]), settings.back_off)] for i in rows.tolist()]
         new = sample(policy, tokenizer, prompts, group, constraints, temperature=1.0, epsilon=0.0,
                      generator=sample_gen, share_prefill=share_prefill, prefix_tokens=prefixes)
