@@ -152,6 +152,15 @@ class ReplayConfig:
 
 
 @dataclass
+class LocalSearchConfig:  # gf_odg/exploration/local_search.py (Kim et al. 2024)
+    enabled: bool = False
+    iterations: int = 1  # back-off-and-resample rounds per step
+    back_off: float = 4  # >= 1: tokens backed off; in (0, 1): that fraction of each completion's length
+    accept: str = "greedy"  # greedy (keep the higher log R) | metropolis (accept with min(1, R'/R))
+    fraction: float = 1.0  # of the step's fresh samples refined
+
+
+@dataclass
 class ExplorationConfig:
     name: str = "on_policy"
     p_temper: float = 0.0
@@ -162,6 +171,7 @@ class ExplorationConfig:
     epsilon_end: Optional[float] = None
     epsilon_steps: int = 0
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    local_search: LocalSearchConfig = field(default_factory=LocalSearchConfig)
 
 
 @dataclass

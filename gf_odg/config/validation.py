@@ -22,6 +22,8 @@ def off_policy_keys(x) -> list[str]:
         keys.append(f"exploration.epsilon={x.epsilon}" + (f" (epsilon_end={x.epsilon_end})" if x.epsilon_end else ""))
     if x.replay.enabled:
         keys.append("exploration.replay.enabled=true")
+    if x.local_search.enabled:
+        keys.append("exploration.local_search.enabled=true")
     return keys
 
 
@@ -108,6 +110,17 @@ def validate(cfg) -> None:
         need(r.seed in ("none", "enumerate", "auto"), "exploration.replay.seed", r.seed, "none, enumerate or auto")
     elif r.fraction > 0 or (r.fraction_end or 0) > 0:
         problems.append("exploration.replay.fraction > 0 but exploration.replay.enabled=false: enable replay")
+
+    ls = x.local_search
+    if ls.enabled:
+        need(ls.iterations >= 1, "exploration.local_search.iterations", ls.iterations, ">= 1 (rounds per step)")
+        need(ls.back_off > 0 and (ls.back_off < 1 or float(ls.back_off).is_integer()),
+             "exploration.local_search.back_off", ls.back_off,
+             "a whole number of tokens >= 1, or a fraction of the length in (0, 1)")
+        need(ls.accept in ("greedy", "metropolis"), "exploration.local_search.accept", ls.accept,
+             "greedy or metropolis")
+        need(0 < ls.fraction <= 1, "exploration.local_search.fraction", ls.fraction,
+             "a fraction in (0, 1] of the fresh samples")
 
     need(m.source in ("hub", "local", "embedded", "tiny-random"), "model.source", m.source,
          "hub, local, embedded or tiny-random")

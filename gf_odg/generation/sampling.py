@@ -186,11 +186,26 @@ def _default_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+def _prefix_tensor(prefix_tokens, n: int, eos: int, device):
+    """[N, P] forced tokens (EOS padded) and [N] their counts, or (None, None) without prefixes."""
+    if prefix_tokens is None:
+        return None, None
+    if len(prefix_tokens) != n:
+        raise ValueError(f"sample: {len(prefix_tokens)} prefixes for {n} rows.")
+    width = max((len(p) for p in prefix_tokens), default=0)
+    forced = torch.full((n, max(width, 1)), eos, dtype=torch.long)
+    for i, p in enumerate(prefix_tokens):
+        forced[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prefix_tokens], dtype=torch.long)
+    return forced.to(device), lengths.to(device)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constraints: ConstraintSet,
            temperature: torch.Tensor | float = 1.0, epsilon: float = 0.0,
            generator: torch.Generator | None = None, share_prefill: bool | str = True,
-           top_p: float = 1.0, kv_cache: str = "dynamic", sync_every: int = SYNC_EVERY) -> Trajectories:
+           top_p: float = 1.0, kv_cache: str = "dynamic", sync_every: int = SYNC_EVERY,
+           prefix_tokens: list[list[int]] | None = None) -> Trajectories:
     """Draw one completion per entry of `group` (prompt indices), e.g. group = arange(P).repeat_interleave(K).
 
     No host synchronisation per token: the constraint mask is kept on the device as a state the
@@ -199,6 +214,11 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
     check after every token would have left it: the same seed draws the same tokens, and leaves the
     same generator state, for any `sync_every`. `kv_cache="static"` preallocates the KV cache
     (transformers' StaticCache) instead of growing it every token (same draws; see docs/gpu.md).
+
+    `prefix_tokens` (one list per row, possibly empty) continues given completion prefixes: row i's
+    first len(prefix_tokens[i]) tokens are forced to the prefix (its draws are made and discarded,
+    the mask state advances through them), and the rest is sampled as usual (local search,
+    gf_odg/exploration/local_search.py). The prefix must itself be allowed by the constraints.
     """
     device = prompts.input_ids.device
     n = group.shape[0]
@@ -232,12 +252,15 @@ def sample(model, tokenizer, prompts: PromptBatch, group: torch.Tensor, constrai
     agree = getattr(model, "gf_odg_all_true", None)  # FSDP: every process makes the same forward calls
     every = 1 if agree is not None else max(1, int(sync_every))
     block_start, block_rng = 0, gen.get_state()
+    forced, forced_len = _prefix_tensor(prefix_tokens, n, eos, device)
     for t in range(max_new):
         allowed = constraints.allowed_at(state)  # [N, V or V'] on the device
         probs = behaviour_probs(logits, allowed, temperature, epsilon, top_p)
         nxt = draw(probs, gen)
         if columns is not None:
             nxt = columns[nxt]
+        if forced is not None and t < forced.shape[1]:
+            nxt = torch.where(t < forced_len, forced[:, t], nxt)
         nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)
         tokens[:, t] = nxt
         newly = (nxt == eos) & ~finished

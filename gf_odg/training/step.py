@@ -21,6 +21,7 @@ import torch
 from gf_odg.data.prompts import PromptBatch
 from gf_odg.distributed import Dist
 from gf_odg.exploration import behaviour as exploration
+from gf_odg.exploration import local_search
 from gf_odg.generation.sampling import Trajectories, decoder_and_head, run_decoder, sample
 from gf_odg.generation.scoring import score_completions
 from gf_odg.log_reward import below_fluency_floor, log_reward_fn, target_log_reward, target_options
@@ -138,12 +139,16 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
     fresh_prompts = [task.prompts[indices[int(g)]] for g in group]
     score = call_reward(parts.reward, fresh_prompts, traj.texts, **task.reward_kwargs([indices[int(g)] for g in group]))
     t2 = time.perf_counter()
+    searched = {}
+    if cfg.exploration.local_search.enabled:  # refines fresh rows only, before the replayed ones join
+        traj, score, searched = local_search.refine_batch(parts, cfg, prompts, indices, traj, score, step,
+                                                          behaviour_gen, sample_gen)
     if replayed:
         traj = merge_replayed(traj, replayed, task.constraints.eos_id, parts.device)
         score = torch.cat([score, torch.tensor([float(e.score) for _, e in replayed])])
     from_replay = torch.zeros(len(traj), dtype=torch.bool)
     from_replay[len(group):] = True
-    timings = {"time/sample": t1 - t0, "time/reward": t2 - t1}
+    timings = {"time/sample": t1 - t0, "time/reward": t2 - t1, **searched}
     return StepBatch(prompts, indices, traj, score, from_replay, timings,
                      temperature_mean=float(temps.mean()) if len(temps) else 1.0, epsilon=eps)
 
