@@ -101,7 +101,8 @@ def test_every_objective_file_is_registered_and_every_registered_objective_has_a
 
 
 @pytest.mark.parametrize("overrides,keys", [
-    ([], ["exploration.p_temper", "exploration.epsilon"]),  # the default exploration tempers and mixes
+    ([], ["exploration.p_temper", "exploration.epsilon", "exploration.replay.enabled"]),  # the default (seeded)
+    (["exploration=default"], ["exploration.p_temper", "exploration.epsilon"]),  # tempers and mixes
     (["exploration=on_policy", "exploration.epsilon=0.1"], ["exploration.epsilon"]),
     (["exploration=on_policy", "exploration.p_temper=1", "exploration.temper_hi=2"], ["exploration.p_temper"]),
     (["exploration=replay", "exploration.p_temper=0", "exploration.epsilon=0"], ["exploration.replay.enabled"]),

@@ -125,7 +125,7 @@ def test_rloo_concentrates_far_from_the_target(tmp_path):
 
 
 def test_log_z_can_start_from_the_first_batch(cfg_factory, tmp_path):
-    cfg = cfg_factory("model=tiny-random", "logger=none", "trainer.progress=false", "objective.log_z_init=null",
+    cfg = cfg_factory("model=tiny-random", "objective=tb", "logger=none", "trainer.progress=false", "objective.log_z_init=null",
                       "trainer.samples_per_prompt=8", "trainer.log_z_lr=1e-8", "trainer.lr=1e-8")
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()

@@ -118,6 +118,10 @@ def test_ratio_priority_draws_the_under_sampled_first_and_survives_a_checkpoint(
     assert_matches(draw_frequencies(buffer, "p", n, tempered(beta)), expected, n)
     buffer.record_log_pf(["p"], [[5, 0]], [-1.0])  # the latest score counts
     assert int(buffer.probabilities("p", tempered(beta)).argmax()) == 1
+    assert [e.text for e in buffer.stalest("p", 3)] == ["t0", "t1", "t2"]  # recorded together, first
+    assert [e.text for e in buffer.stalest("p", 6)][-1] == "t5"  # recorded last
+    buffer.add("p", [7, 0], "t7", 0.0)
+    assert buffer.stalest("p", 1)[0].text == "t7"  # never recorded: the stalest of all
     path = tmp_path / "replay.pt"
     torch.save(buffer.state_dict(), path)
     restored = ReplayBuffer(capacity=10, priority="ratio", priority_temperature=temperature)
@@ -329,12 +333,19 @@ def test_seed_enumerate_fills_the_buffer_with_every_valid_completion_under_its_o
 def test_ratio_priority_rescores_the_whole_pool_under_the_current_policy(tmp_path):
     from gf_odg.evaluation.exact import completion_log_probs
 
-    trainer, tables = _seeded_trainer(tmp_path, "enumerate", ["exploration.replay.priority=ratio"])
+    trainer, tables = _seeded_trainer(tmp_path, "enumerate", ["exploration.replay.priority=ratio",
+                                                               "trainer.samples_per_prompt=8"])
     trainer.step()  # trains: the recorded values are now stale for every entry
-    batch = trainer.collect()  # rescores the chosen prompt's pool before drawing from it
-    prompt_index = batch.prompt_indices[0]
+    trained = trainer.replay._clock
+    prompt_index = trainer.collect().prompt_indices[0]  # rescores the K stalest entries of that prompt
     prompt = trainer.task.prompts[prompt_index]
     entries = trainer.replay.entries(prompt)
+    fresh = [trainer.replay._scored_at.get((prompt, e.tokens), 0) > trained for e in entries]
+    assert sum(fresh) == 8 < len(entries)  # one draw rescores K of them, not the pool
+    for _ in range(len(entries)):
+        if all(trainer.replay._scored_at.get((prompt, e.tokens), 0) > trained for e in entries):
+            break
+        trainer.collect()  # no training in between: every rescore sees the same policy
     expected = completion_log_probs(trainer.parts.policy, trainer.tokenizer, trainer.task, prompt_index,
                                     [list(e.tokens) for e in entries])
     recorded = torch.tensor([trainer.replay._log_pf[(prompt, e.tokens)] for e in entries], dtype=torch.float64)

@@ -28,8 +28,9 @@ Sampling is with replacement, with probabilities over the N candidate entries:
             weighted retraining); ties in log-reward are ranked oldest first.
   softmax:  p_i ∝ exp(log_reward_i / priority_temperature)
   ratio:    p_i ∝ (R_i / P_F(y_i))^(1 / priority_temperature), with P_F the policy's probability of
-            the entry as last recorded (`record_log_pf`; the trainer rescores the prompt's whole pool
-            under the current policy before each draw, gf_odg.training.step.rescore_replay): the
+            the entry as last recorded (`record_log_pf`: every trained row, and before each draw the
+            trainer rescores the K entries recorded longest ago under the current policy,
+            gf_odg.training.step.rescore_replay, so none is more than pool / K steps stale): the
             completions the policy under-samples most, relative to their reward, come first. An
             entry never scored comes before every scored one. This is the target-to-policy ratio
             whose minimum the exact evaluation reports (`exact_min_ratio`).
@@ -175,6 +176,8 @@ class ReplayBuffer:
         self._pools: dict[Optional[str], dict[tuple[str, tuple[int, ...]], ReplayEntry]] = {}
         self._features: dict[tuple[str, tuple[int, ...]], Any] = {}  # _text_features cache, rebuilt on demand
         self._log_pf: dict[tuple[str, tuple[int, ...]], float] = {}  # (prompt, tokens) -> last log P_F (ratio)
+        self._scored_at: dict[tuple[str, tuple[int, ...]], int] = {}  # when it was recorded (record_log_pf calls)
+        self._clock = 0
 
     @classmethod
     def from_config(cls, cfg: Any, embed_fn: Optional[EmbedFn] = None) -> "ReplayBuffer":
@@ -268,16 +271,25 @@ class ReplayBuffer:
         del pool[key]
         self._features.pop(key, None)
         self._log_pf.pop(key, None)
+        self._scored_at.pop(key, None)
+
+    def stalest(self, prompt: str, n: int) -> list[ReplayEntry]:
+        """The n entries of `prompt` whose log P_F was recorded longest ago (never recorded first)."""
+        entries = self.entries(prompt)
+        order = sorted(range(len(entries)), key=lambda i: self._scored_at.get((entries[i].prompt, entries[i].tokens), -1))
+        return [entries[i] for i in order[:n]]
 
     def record_log_pf(self, prompts: Sequence[str], tokens: Sequence[Sequence[int]],
                       log_pf: Sequence[float]) -> None:
         """The policy's log P_F of trajectories it was just trained on; kept for those in the buffer
         (what `priority="ratio"` reads; other priorities ignore it)."""
+        self._clock += 1
         for prompt, toks, value in zip(prompts, tokens, log_pf):
             key = (prompt, self._as_tuple(toks))
             pool = self._pools.get(prompt if self.scope == "prompt" else None, {})
             if key in pool and math.isfinite(float(value)):
                 self._log_pf[key] = float(value)
+                self._scored_at[key] = self._clock
 
     def _near_duplicates(self, pool: dict, new: ReplayEntry, feature: Any) -> list:
         keys = [k for k in pool if k[0] == new.prompt]
@@ -397,7 +409,8 @@ class ReplayBuffer:
         return {
             "version": STATE_VERSION,
             "entries": [{"prompt": e.prompt, "tokens": list(e.tokens), "text": e.text, "score": e.score,
-                         "extra": e.extra, "log_pf": self._log_pf.get((e.prompt, e.tokens))}
+                         "extra": e.extra, "log_pf": self._log_pf.get((e.prompt, e.tokens)),
+                         "scored_at": self._scored_at.get((e.prompt, e.tokens))}
                         for e in self.entries()],
         }
 
@@ -409,14 +422,16 @@ class ReplayBuffer:
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"replay: unknown state version {state.get('version')!r}, expected {STATE_VERSION}.")
-        self._pools, self._features, self._log_pf = {}, {}, {}
+        self._pools, self._features, self._log_pf, self._scored_at = {}, {}, {}, {}
         for item in state["entries"]:
             entry = ReplayEntry(item["prompt"], tuple(item["tokens"]), item["text"], float(item["score"]),
                                 item.get("extra"))
             if item.get("log_pf") is not None:
                 self._log_pf[(entry.prompt, entry.tokens)] = float(item["log_pf"])
+                self._scored_at[(entry.prompt, entry.tokens)] = int(item.get("scored_at") or 0)
             self._pools.setdefault(entry.prompt if self.scope == "prompt" else None, {})[
                 (entry.prompt, entry.tokens)] = entry
+        self._clock = max(self._scored_at.values(), default=0)
         for name, pool in self._pools.items():
             if len(pool) > self.capacity:
                 keys = list(pool)  # oldest first; evict as `add` would: lowest score, then oldest

@@ -118,13 +118,16 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
     k = tcfg.samples_per_prompt
     n_replay = int(round(exploration.replay_fraction_at(cfg.exploration, step) * k))
     replayed = []  # (row, entry)
+    t_rescore = 0.0
     if n_replay and parts.replay is not None:
         for row, i in enumerate(indices):
             # Always this prompt's entries, whatever the scope: a trajectory is trained under the prompt
             # it was scored with (a global pool shares memory and priorities, not (x, y, R) triples).
             key = task.prompts[i]
             if parts.replay.priority == "ratio" and parts.replay.size(key) > 0:
-                rescore_replay(parts, tcfg, prompts, row, key)
+                t = time.perf_counter()
+                rescore_replay(parts, tcfg, prompts, row, key, k)
+                t_rescore += time.perf_counter() - t
             if parts.replay.size(key) > 0:
                 replayed += [(row, e) for e in parts.replay.sample(key, n_replay, behaviour_gen,
                                                                     log_reward_fn(cfg.objective, step))]
@@ -148,18 +151,22 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
         score = torch.cat([score, torch.tensor([float(e.score) for _, e in replayed])])
     from_replay = torch.zeros(len(traj), dtype=torch.bool)
     from_replay[len(group):] = True
-    timings = {"time/sample": t1 - t0, "time/reward": t2 - t1, **searched}
+    timings = {"time/sample": t1 - t0 - t_rescore, "time/reward": t2 - t1, **searched}
+    if t_rescore:
+        timings["time/replay_rescore"] = t_rescore
     return StepBatch(prompts, indices, traj, score, from_replay, timings,
                      temperature_mean=float(temps.mean()) if len(temps) else 1.0, epsilon=eps)
 
 
 @torch.no_grad()
-def rescore_replay(parts: StepParts, tcfg, prompts: PromptBatch, row: int, key: str) -> None:
-    """log P_F of every entry of this prompt's pool under the current policy, recorded for
-    `priority=ratio`: a completion the policy stopped sampling has no fresh score otherwise, and its
-    stale one hides that it is starved (on `rng`, "100" kept a recorded log P_F of -4.95 while the
-    policy's fell to -13). One no-grad pass over the pool: cheap on enumerable tasks."""
-    entries = parts.replay.entries(key)
+def rescore_replay(parts: StepParts, tcfg, prompts: PromptBatch, row: int, key: str, n: int) -> None:
+    """log P_F under the current policy of the n entries of this prompt's pool recorded longest ago,
+    recorded for `priority=ratio`: a completion the policy stopped sampling has no fresh score
+    otherwise, and its stale one hides that it is starved (on `rng`, "100" kept a recorded log P_F of
+    -4.95 while the policy's fell to -13). One no-grad pass over n rows (n = K: the pool of 101 rng
+    integers is fully rescored every 4 steps; the whole pool every step cost as much as the step's
+    forward and backward)."""
+    entries = parts.replay.stalest(key, n)
     eos_id = parts.task.constraints.eos_id
     width = max(len(e.tokens) for e in entries)
     tokens = torch.full((len(entries), width), eos_id, dtype=torch.long)

@@ -103,6 +103,10 @@ class Trainer:
             # FSDP every forward is a collective, and the counts would fall out of step
             raise ConfigError("exploration.replay.priority=ratio is not supported under FSDP; launch with "
                               "configs/accelerate/ddp.yaml or pick priority=softmax.")
+        if self.dist.fsdp and cfg.exploration.local_search.enabled:
+            # its proposals are sampled only for the rows a process refines: the same collective problem
+            raise ConfigError("exploration.local_search.enabled=true is not supported under FSDP; launch with "
+                              "configs/accelerate/ddp.yaml or turn local search off.")
         if cfg.trainer.threads > 0:
             torch.set_num_threads(cfg.trainer.threads)
         self._deterministic_before = state.deterministic_kernels(cfg.trainer.deterministic, self.device)
