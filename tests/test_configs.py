@@ -106,7 +106,7 @@ def test_every_objective_file_is_registered_and_every_registered_objective_has_a
     (["exploration=on_policy", "exploration.epsilon=0.1"], ["exploration.epsilon"]),
     (["exploration=on_policy", "exploration.p_temper=1", "exploration.temper_hi=2"], ["exploration.p_temper"]),
     (["exploration=replay", "exploration.p_temper=0", "exploration.epsilon=0"], ["exploration.replay.enabled"]),
-    (["experiment=rng_tb"], ["exploration.p_temper", "exploration.epsilon"]),
+    (["experiment=rng_tb"], ["exploration.p_temper", "exploration.epsilon", "exploration.replay.enabled"]),
 ])
 def test_an_on_policy_objective_refuses_exploration_naming_the_keys(overrides, keys):
     cfg = compose_cfg([*overrides, "objective=rloo"])

@@ -18,7 +18,7 @@ from conftest import ROOT, TINY, run_train
 from gf_odg.io.checkpoints import complete_checkpoints, find_resume
 from gf_odg.io.tracking import read_offline_run
 
-RESUMABLE = ["model=tiny-random", "trainer.samples_per_prompt=8", "trainer.checkpoint_every=2", "seed=3",
+RESUMABLE = ["model=tiny-random", "objective=tb", "exploration=default", "trainer.samples_per_prompt=8", "trainer.checkpoint_every=2", "seed=3",
              "task.evaluation.n_samples=16", "trainer.progress=false", "exploration.replay.enabled=true",
              "exploration.replay.fraction=0.25", "trainer.lr_schedule=cosine", "trainer.max_steps=6"]
 
@@ -181,7 +181,8 @@ def test_the_same_seed_gives_the_same_metrics_step_for_step(cfg_factory, tmp_pat
 
 # The embedded 4-bit SmolLM2 with 2 threads: the one kernel that differs from run to run (the backward of
 # the shared prompt's KV-cache indexing, gf_odg/training/state.py: deterministic_kernels) needs more than one.
-DETERMINISTIC = ["trainer.deterministic=true", "trainer.threads=2", "exploration=replay", "trainer.samples_per_prompt=8",
+DETERMINISTIC = [  # the default objective and exploration (vargrad, seeded replay drawn by R/P_F), 2 threads
+                 "trainer.deterministic=true", "trainer.threads=2", "trainer.samples_per_prompt=8",
                  "trainer.max_steps=2", "trainer.checkpoint_every=1", "task.evaluation.n_samples=8",
                  "task.evaluation.before_training=false", "task.evaluation.plots=false", "task.evaluation.exact=false",
                  "trainer.progress=false", "logger=none"]
