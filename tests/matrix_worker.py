@@ -12,14 +12,8 @@ from pathlib import Path
 
 import torch
 
-from test_matrix import cell_cfg, measure, setup_cell  # tests/ is on the path: this script's own folder
-
-
-def trainable(trainer) -> dict:
-    params = {name: p.detach().cpu().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-    if trainer.log_z is not None:
-        params.update({f"log_z.{name}": p.detach().cpu().clone() for name, p in trainer.log_z.named_parameters()})
-    return params
+from ddp_worker import trainable  # tests/ is on the path: this script's own folder
+from test_matrix import cell_cfg, measure, setup_cell
 
 
 def main() -> None:
