@@ -165,8 +165,8 @@ def rescore_replay(parts: StepParts, tcfg, prompts: PromptBatch, row: int, key: 
     otherwise, and its stale one hides that it is starved (on `rng`, "100" kept a recorded log P_F of
     -4.95 while the policy's fell to -13). One no-grad pass over n rows (the trainer passes K / 2: the
     101 rng integers are all rescored every 7 steps, the popular ones more often as trained rows, for
-    0.17 s a step on 2 CPU cores; the whole pool every step cost as much as the step's forward and
-    backward)."""
+    0.25 s of a 1.7 s step on 2 CPU cores; the whole pool every step cost as much as the step's forward
+    and backward)."""
     entries = parts.replay.stalest(key, n)
     eos_id = parts.task.constraints.eos_id
     width = max(len(e.tokens) for e in entries)
