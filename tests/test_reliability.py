@@ -23,6 +23,19 @@ RESUMABLE = ["model=tiny-random", "objective=tb", "exploration=default", "traine
              "exploration.replay.fraction=0.25", "trainer.lr_schedule=cosine", "trainer.max_steps=6"]
 
 
+def _kill_after_checkpoint(overrides: list[str], out: Path, run: str, step: int) -> None:
+    """train.py with `overrides` under `out`, SIGKILLed once its step-`step` checkpoint is complete."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={out}/run",
+           f"paths.checkpoints={out}/checkpoints", f"paths.adapted_models={out}/adapted"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / run / f"step_{step:06d}" / "COMPLETE").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapted" / run).exists()  # it never finished
+
+
 def _adapter(folder: Path) -> dict:
     return load_file(str(folder / "adapter_model.safetensors"))
 
@@ -38,15 +51,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     # The same run, killed with SIGKILL after its step-4 checkpoint, then resumed.
     b = tmp_path / "b"
-    cmd = [sys.executable, str(ROOT / "train.py"), *RESUMABLE, "run_name=cut", "logger=none",
-           f"hydra.run.dir={b}/run", f"paths.checkpoints={b}/checkpoints", f"paths.adapted_models={b}/adapted"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (b / "checkpoints" / "cut" / "step_000004" / "COMPLETE").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (b / "adapted" / "cut").exists()  # it never finished
+    _kill_after_checkpoint([*RESUMABLE, "run_name=cut", "logger=none"], b, "cut", 4)
     resumed = run_train([*RESUMABLE, "run_name=cut", "logger=none", "resume=auto"], b)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
@@ -216,15 +221,7 @@ def test_deterministic_runs_and_a_killed_run_are_bit_identical_on_the_embedded_m
     full = run_train([*DETERMINISTIC, "run_name=full"], a)
     assert full.returncode == 0, full.stderr[-2000:]
 
-    cmd = [sys.executable, str(ROOT / "train.py"), *DETERMINISTIC, "run_name=cut", f"hydra.run.dir={b}/run",
-           f"paths.checkpoints={b}/checkpoints", f"paths.adapted_models={b}/adapted"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (b / "checkpoints" / "cut" / "step_000001" / "COMPLETE").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (b / "adapted" / "cut").exists()  # it never finished
+    _kill_after_checkpoint([*DETERMINISTIC, "run_name=cut"], b, "cut", 1)
     resumed = run_train([*DETERMINISTIC, "run_name=cut", "resume=auto"], b)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
