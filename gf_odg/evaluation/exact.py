@@ -37,6 +37,7 @@ import torch
 
 from gf_odg.config.schema import EvaluationConfig, ObjectiveConfig
 from gf_odg.data.prompts import PromptBatch
+from gf_odg.generation.sampling import pad_tokens
 from gf_odg.generation.scoring import score_completions
 from gf_odg.log_reward import TargetOptions, below_fluency_floor, target_log_reward
 from gf_odg.rewards.base import call_reward
@@ -75,11 +76,7 @@ def completion_log_probs(model, tokenizer, task, prompt_index: int, terminals: l
     out = []
     for start in range(0, len(terminals), batch_size):
         chunk = terminals[start: start + batch_size]
-        width = max(len(t) for t in chunk)
-        tokens = torch.full((len(chunk), width), task.constraints.eos_id, dtype=torch.long, device=device)
-        for i, t in enumerate(chunk):
-            tokens[i, : len(t)] = torch.tensor(t)
-        lengths = torch.tensor([len(t) for t in chunk], device=device)
+        tokens, lengths = pad_tokens(chunk, task.constraints.eos_id, device)
         group = torch.zeros(len(chunk), dtype=torch.long, device=device)
         lp = score_completions(model, prompts, group, tokens, lengths, task.constraints if masked else None,
                                task.constraints.eos_id,

@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from gf_odg.generation.sampling import Trajectories, sample
+from gf_odg.generation.sampling import Trajectories, pad_tokens, sample
 from gf_odg.log_reward import log_reward_fn
 from gf_odg.rewards.base import call_reward
 
@@ -99,13 +99,9 @@ def refine(policy, tokenizer, prompts, traj: Trajectories, score: torch.Tensor, 
 
 
 def _trajectories(traj: Trajectories, tokens: list[list[int]], texts: list[str], eos: int) -> Trajectories:
-    width = max(len(t) for t in tokens)
-    out = torch.full((len(tokens), width), eos, dtype=torch.long)
-    for i, t in enumerate(tokens):
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    device = traj.tokens.device
-    lengths = torch.tensor([len(t) for t in tokens], dtype=traj.lengths.dtype, device=traj.lengths.device)
-    return Trajectories(group=traj.group, tokens=out.to(device), lengths=lengths, texts=texts)
+    out, lengths = pad_tokens(tokens, eos, traj.tokens.device)
+    return Trajectories(group=traj.group, tokens=out, lengths=lengths.to(traj.lengths.device, traj.lengths.dtype),
+                        texts=texts)
 
 
 def refine_batch(parts, cfg, prompts, indices: list[int], traj: Trajectories, score: torch.Tensor, step: int,

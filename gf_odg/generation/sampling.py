@@ -38,6 +38,17 @@ class Trajectories:
         return [self.tokens[i, : int(self.lengths[i])].tolist() for i in range(len(self))]
 
 
+def pad_tokens(token_lists, eos_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions as token lists (EOS included) -> (tokens [N, W] right padded with EOS, lengths [N]),
+    the layout of `Trajectories`; W is the longest list."""
+    width = max(len(t) for t in token_lists)
+    tokens = torch.full((len(token_lists), width), eos_id, dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        tokens[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    return tokens.to(device), lengths.to(device)
+
+
 def decoder_and_head(model):
     """The transformer body (hidden states) and the output projection of a (PEFT-wrapped) causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -22,7 +22,7 @@ from gf_odg.data.prompts import PromptBatch
 from gf_odg.distributed import Dist
 from gf_odg.exploration import behaviour as exploration
 from gf_odg.exploration import local_search
-from gf_odg.generation.sampling import Trajectories, decoder_and_head, run_decoder, sample
+from gf_odg.generation.sampling import Trajectories, decoder_and_head, pad_tokens, run_decoder, sample
 from gf_odg.generation.scoring import score_completions
 from gf_odg.log_reward import below_fluency_floor, log_reward_fn, target_log_reward, target_options
 from gf_odg.model.loading import reference_mode
@@ -169,13 +169,9 @@ def rescore_replay(parts: StepParts, tcfg, prompts: PromptBatch, row: int, key: 
     and backward)."""
     entries = parts.replay.stalest(key, n)
     eos_id = parts.task.constraints.eos_id
-    width = max(len(e.tokens) for e in entries)
-    tokens = torch.full((len(entries), width), eos_id, dtype=torch.long)
-    for i, e in enumerate(entries):
-        tokens[i, : len(e.tokens)] = torch.tensor(e.tokens)
-    lengths = torch.tensor([len(e.tokens) for e in entries])
+    tokens, lengths = pad_tokens([e.tokens for e in entries], eos_id, parts.device)
     group = torch.full((len(entries),), row, dtype=torch.long, device=parts.device)
-    lp = score_completions(parts.policy, prompts, group, tokens.to(parts.device), lengths.to(parts.device),
+    lp = score_completions(parts.policy, prompts, group, tokens, lengths,
                            parts.task.constraints, eos_id, tcfg.share_prompt_prefill, tcfg.score_chunk_rows)
     parts.replay.record_log_pf([key] * len(entries), [e.tokens for e in entries], lp.total().double().cpu().tolist())
 
