@@ -13,7 +13,8 @@ import torch
 from enumerable import COMPLETIONS, enumerable_cfg
 from gf_odg.data.tasks import build_task
 from gf_odg.evaluation.core import evaluate, evaluate_policy
-from gf_odg.evaluation.exact import ExactDistribution, enumerate_terminals, exact_distribution
+from gf_odg.evaluation.exact import (ExactDistribution, completion_log_probs, enumerate_terminals, exact_distribution,
+                                     tree_log_probs)
 from gf_odg.evaluation.report import format_samples, save_evaluation
 
 LETTER_SCORES = {"a": 1.0, "b": -0.5, "c": -2.0}
@@ -112,6 +113,24 @@ def test_the_prior_is_the_base_models_own_probability_with_eos(tiny_policy, lett
     [flat] = exact_distributions(model, tokenizer, task, ref_weight=0.0)
     flat_target = (flat.log_target[support] - flat.log_target[support].logsumexp(0)).exp()
     assert torch.allclose(flat_target, torch.full_like(flat_target, 1.0 / int(support.sum())), atol=1e-12)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_the_prefix_tree_gives_the_teacher_forced_probabilities(tiny_policy, letters_task, masked):
+    """The exact evaluation runs one position per prefix of the completion tree; each completion's
+    log-probability must equal teacher-forcing it whole, in the enumeration's order, under the mask
+    (the policy) and over the whole vocabulary (the prior)."""
+    model, tokenizer = tiny_policy
+    task = letters_task(letters_reward)
+    terminals, tree = tree_log_probs(model, tokenizer, task, 0, masked=masked)
+    assert terminals == enumerate_terminals(task.constraints)
+    forced = completion_log_probs(model, tokenizer, task, 0, terminals, masked=masked)
+    assert torch.allclose(tree, forced, atol=1e-5), (tree - forced).abs().max()
+    if masked:
+        assert abs(float(tree.exp().sum()) - 1.0) < 1e-6
+    else:
+        assert float(tree.exp().sum()) < 0.99  # the unmasked prior puts mass outside the letters
+    assert tree_log_probs(model, tokenizer, task, 0, limit=len(terminals) - 1, masked=masked) is None
 
 
 def test_exact_limit_bounds_the_enumeration(tiny_policy, letters_task):

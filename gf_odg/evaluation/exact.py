@@ -37,8 +37,8 @@ import torch
 
 from gf_odg.config.schema import EvaluationConfig, ObjectiveConfig
 from gf_odg.data.prompts import PromptBatch
-from gf_odg.generation.sampling import pad_tokens
-from gf_odg.generation.scoring import score_completions
+from gf_odg.generation.sampling import decoder_and_head, head_logits, pad_tokens
+from gf_odg.generation.scoring import completion_hidden, score_completions
 from gf_odg.log_reward import TargetOptions, below_fluency_floor, target_log_reward
 from gf_odg.rewards.base import call_reward
 
@@ -128,6 +128,61 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
     return max(0.0, float(terms.sum()))  # rounding can leave -1e-17 for identical distributions
 
 
+@torch.no_grad()
+def tree_log_probs(model, tokenizer, task, prompt_index: int, limit: int = EXACT_LIMIT, share_prefill: bool = True,
+                   batch_size: int = 512, masked: bool = True) -> Optional[tuple[list[list[int]], torch.Tensor]]:
+    """(every completion the mask admits, in `enumerate_terminals`' order; log P_F(y|x) of each [C]
+    float64), or None if more than `limit`. One forward position per prefix of the completion tree,
+    not one per token of every completion: rng's 1,110 completions (3,330 teacher-forced tokens) are
+    111 prefixes, and a prefix where the mask admits a single token costs nothing under the mask.
+    `masked=False`: over the whole vocabulary (EOS included), as the prior p_ref is scored in
+    training; every prefix then runs. `completion_log_probs` is the teacher-forced equivalent."""
+    constraints = task.constraints
+    device = next(model.parameters()).device
+    _, lm_head, config = decoder_and_head(model)
+    prompts = PromptBatch.build([task.prompt_tokens[prompt_index]], [task.prompts[prompt_index]],
+                                tokenizer.pad_token_id, device)
+    columns = constraints.columns.cpu() if masked and constraints.columns is not None else None
+    frontier, frontier_lp = [[]], [0.0]
+    terminals, terminal_lp = [], []
+    for t in range(constraints.max_new_tokens):
+        if not frontier:
+            break
+        prefix = torch.tensor(frontier, dtype=torch.long).reshape(len(frontier), t)
+        allowed = constraints.mask(prefix, t).cpu()  # [F, V] bool
+        if int(allowed.sum()) + len(terminals) > limit:
+            return None
+        log_cond = torch.zeros(allowed.shape, dtype=torch.float64)  # log P(token | prefix) where allowed
+        rows = (allowed.sum(1) > 1).nonzero().flatten() if masked else torch.arange(len(frontier))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            tokens = torch.full((len(chunk), t + 1), constraints.eos_id, dtype=torch.long)
+            tokens[:, :t] = prefix[chunk]  # the last column is never fed: hidden[:, t] predicts token t
+            group = torch.zeros(len(chunk), dtype=torch.long, device=device)
+            hidden = completion_hidden(model, prompts, group, tokens.to(device), share_prefill)[:, t]
+            logits = head_logits(lm_head, config, hidden, None if columns is None else columns.to(device))
+            logits = logits.double().cpu()
+            if columns is not None:
+                logits = logits.masked_fill(~allowed[chunk][:, columns], float("-inf"))
+                log_cond[chunk.unsqueeze(1), columns.unsqueeze(0)] = torch.log_softmax(logits, dim=-1)
+            else:
+                if masked:
+                    logits = logits.masked_fill(~allowed[chunk], float("-inf"))
+                log_cond[chunk] = torch.log_softmax(logits, dim=-1)
+        nxt, nxt_lp = [], []
+        for i, (so_far, lp_so_far) in enumerate(zip(frontier, frontier_lp)):
+            for token in allowed[i].nonzero().flatten().tolist():
+                child = (so_far + [token], lp_so_far + float(log_cond[i, token]))
+                if token == constraints.eos_id:
+                    terminals.append(child[0])
+                    terminal_lp.append(child[1])
+                else:
+                    nxt.append(child[0])
+                    nxt_lp.append(child[1])
+        frontier, frontier_lp = nxt, nxt_lp
+    return terminals, torch.tensor(terminal_lp, dtype=torch.float64)
+
+
 def target_of(beta: float = 1.0, log_reward_min: float = LOG_REWARD_MIN, ref_weight: float = 0.0,
               ref_masked: bool = False, target: Optional[TargetOptions] = None) -> TargetOptions:
     """`target`, or one made of the separate keys (older call sites)."""
@@ -177,8 +232,13 @@ def reference_log_probs(model, tokenizer, task, prompt_index: int, terminals: li
     from gf_odg.model.loading import reference_mode
 
     with reference_mode(model):
-        return completion_log_probs(model, tokenizer, task, prompt_index, terminals, share_prefill,
-                                    masked=target.ref_masked)
+        tree = tree_log_probs(model, tokenizer, task, prompt_index, len(terminals), share_prefill,
+                              masked=target.ref_masked)
+    if tree is None or tree[0] != terminals:  # terminals not the mask's whole space: teacher-force them
+        with reference_mode(model):
+            return completion_log_probs(model, tokenizer, task, prompt_index, terminals, share_prefill,
+                                        masked=target.ref_masked)
+    return tree[1]
 
 
 @torch.no_grad()
@@ -190,14 +250,16 @@ def exact_distributions(model, tokenizer, task, beta: float = 1.0, log_reward_mi
     default); None when the mask admits more than `limit` completions. `target` (target_options of
     the objective) replaces beta, log_reward_min, ref_weight and ref_masked."""
     target = target_of(beta, log_reward_min, ref_weight, ref_masked, target)
-    terminals = enumerate_terminals(task.constraints, limit)
-    if terminals is None or not terminals:
+    if enumerate_terminals(task.constraints, limit) is None:  # cheap: the mask alone, no forward pass
         return None
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in terminals]
-    lengths = torch.tensor([len(t) for t in terminals], dtype=torch.float64)  # tokens incl. EOS
-    out = []
+    out, texts, lengths = [], None, None
     for p in (range(len(task.records)) if prompt_indices is None else prompt_indices):
-        log_policy = completion_log_probs(model, tokenizer, task, p, terminals, share_prefill)
+        terminals, log_policy = tree_log_probs(model, tokenizer, task, p, limit, share_prefill)
+        if not terminals:
+            return None
+        if texts is None:
+            texts = [tokenizer.decode(t, skip_special_tokens=True) for t in terminals]
+            lengths = torch.tensor([len(t) for t in terminals], dtype=torch.float64)  # tokens incl. EOS
         log_ref = reference_log_probs(model, tokenizer, task, p, terminals, target, share_prefill)
         log_target, valid = exact_target(task, p, texts, target=target, log_ref=log_ref, lengths=lengths)
         out.append(ExactDistribution(p, texts, log_policy, log_target, valid))
