@@ -40,6 +40,7 @@ SECTIONS: dict[str, str] = {
     "prefill": "gf_odg.bench.prefill",      # shared-prompt KV cache vs per-sample prefill
     "memory": "gf_odg.bench.memory",        # selective chunked log-softmax vs full float32 log_softmax
     "overhead": "gf_odg.bench.overhead",    # our step vs raw generate + forward/backward
+    "first_run": "gf_odg.bench.first_run",  # the default run's step in bf16 vs fp32; exact eval tree vs forced
     "determinism": "gf_odg.bench.determinism",  # trainer.deterministic's kernels vs the default ones
     "scale": "gf_odg.bench.scale",          # 4-bit vs bf16: s/step, sampled tokens/s, peak memory
     "sharding": "gf_odg.bench.sharding",    # DDP vs FSDP launches

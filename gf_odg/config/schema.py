@@ -33,7 +33,7 @@ class QuantizationConfig:
     load_in_4bit: bool = True
     quant_type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
-    compute_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    compute_dtype: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ModelConfig:
     name_or_path: str = MISSING  # HF hub id or local folder (for source=hub|local)
     source: str = "hub"  # hub | local | embedded | tiny-random
     type: str = "causal"
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | float32 | bfloat16 | float16
     chat_template: bool = True
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False

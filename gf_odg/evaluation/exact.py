@@ -142,7 +142,8 @@ def tree_log_probs(model, tokenizer, task, prompt_index: int, limit: int = EXACT
     _, lm_head, config = decoder_and_head(model)
     prompts = PromptBatch.build([task.prompt_tokens[prompt_index]], [task.prompts[prompt_index]],
                                 tokenizer.pad_token_id, device)
-    columns = constraints.columns.cpu() if masked and constraints.columns is not None else None
+    columns = constraints.columns  # the tokens that can ever be allowed (None: the vocabulary)
+    ids = None if columns is None else columns.cpu()
     frontier, frontier_lp = [[]], [0.0]
     terminals, terminal_lp = [], []
     for t in range(constraints.max_new_tokens):
@@ -150,35 +151,35 @@ def tree_log_probs(model, tokenizer, task, prompt_index: int, limit: int = EXACT
             break
         prefix = torch.tensor(frontier, dtype=torch.long).reshape(len(frontier), t)
         allowed = constraints.mask(prefix, t).cpu()  # [F, V] bool
-        if int(allowed.sum()) + len(terminals) > limit:
+        allowed = allowed if ids is None else allowed[:, ids]  # [F, C]: column j is token ids[j]
+        counts = allowed.count_nonzero(1)
+        if int(counts.sum()) + len(terminals) > limit:
             return None
         log_cond = torch.zeros(allowed.shape, dtype=torch.float64)  # log P(token | prefix) where allowed
-        rows = (allowed.sum(1) > 1).nonzero().flatten() if masked else torch.arange(len(frontier))
+        rows = (counts > 1).nonzero().flatten() if masked else torch.arange(len(frontier))
         for start in range(0, len(rows), batch_size):
             chunk = rows[start: start + batch_size]
             tokens = torch.full((len(chunk), t + 1), constraints.eos_id, dtype=torch.long)
             tokens[:, :t] = prefix[chunk]  # the last column is never fed: hidden[:, t] predicts token t
             group = torch.zeros(len(chunk), dtype=torch.long, device=device)
             hidden = completion_hidden(model, prompts, group, tokens.to(device), share_prefill)[:, t]
-            logits = head_logits(lm_head, config, hidden, None if columns is None else columns.to(device))
-            logits = logits.double().cpu()
-            if columns is not None:
-                logits = logits.masked_fill(~allowed[chunk][:, columns], float("-inf"))
-                log_cond[chunk.unsqueeze(1), columns.unsqueeze(0)] = torch.log_softmax(logits, dim=-1)
-            else:
-                if masked:
-                    logits = logits.masked_fill(~allowed[chunk], float("-inf"))
+            if masked:
+                logits = head_logits(lm_head, config, hidden, None if ids is None else ids.to(device))
+                logits = logits.double().cpu().masked_fill(~allowed[chunk], float("-inf"))
                 log_cond[chunk] = torch.log_softmax(logits, dim=-1)
+            else:
+                full = torch.log_softmax(head_logits(lm_head, config, hidden).double(), dim=-1).cpu()
+                log_cond[chunk] = full if ids is None else full[:, ids]
         nxt, nxt_lp = [], []
-        for i, (so_far, lp_so_far) in enumerate(zip(frontier, frontier_lp)):
-            for token in allowed[i].nonzero().flatten().tolist():
-                child = (so_far + [token], lp_so_far + float(log_cond[i, token]))
-                if token == constraints.eos_id:
-                    terminals.append(child[0])
-                    terminal_lp.append(child[1])
-                else:
-                    nxt.append(child[0])
-                    nxt_lp.append(child[1])
+        for i, j in allowed.nonzero().tolist():  # row-major: each prefix's children in token order
+            token = j if ids is None else int(ids[j])
+            child, child_lp = frontier[i] + [token], frontier_lp[i] + float(log_cond[i, j])
+            if token == constraints.eos_id:
+                terminals.append(child)
+                terminal_lp.append(child_lp)
+            else:
+                nxt.append(child)
+                nxt_lp.append(child_lp)
         frontier, frontier_lp = nxt, nxt_lp
     return terminals, torch.tensor(terminal_lp, dtype=torch.float64)
 
@@ -250,13 +251,12 @@ def exact_distributions(model, tokenizer, task, beta: float = 1.0, log_reward_mi
     default); None when the mask admits more than `limit` completions. `target` (target_options of
     the objective) replaces beta, log_reward_min, ref_weight and ref_masked."""
     target = target_of(beta, log_reward_min, ref_weight, ref_masked, target)
-    if enumerate_terminals(task.constraints, limit) is None:  # cheap: the mask alone, no forward pass
-        return None
     out, texts, lengths = [], None, None
     for p in (range(len(task.records)) if prompt_indices is None else prompt_indices):
-        terminals, log_policy = tree_log_probs(model, tokenizer, task, p, limit, share_prefill)
-        if not terminals:
+        tree = tree_log_probs(model, tokenizer, task, p, limit, share_prefill)
+        if tree is None or not tree[0]:  # more than `limit` completions (or none)
             return None
+        terminals, log_policy = tree
         if texts is None:
             texts = [tokenizer.decode(t, skip_special_tokens=True) for t in terminals]
             lengths = torch.tensor([len(t) for t in terminals], dtype=torch.float64)  # tokens incl. EOS

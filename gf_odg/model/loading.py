@@ -43,11 +43,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA, and on a CPU that computes bf16 natively (AVX512-BF16 or AMX: the
+    default run's steps 1.5x faster on 2 cores, docs/results/first_run.md); fp32 on other CPUs,
+    where bf16 is emulated and slower."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_native_bf16() else torch.float32
     if name not in _DTYPES:
         raise ConfigError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}.")
     return _DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (torch's own CPU capability probes)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def embedded_gguf_dir() -> Path:

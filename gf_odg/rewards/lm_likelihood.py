@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from gf_odg.errors import ConfigError, RewardError
-from gf_odg.model.loading import reference_mode, resolve_dtype
+from gf_odg.model.loading import reference_mode
 from gf_odg.data.prompts import PromptBatch
 from gf_odg.generation.scoring import score_completions
 
@@ -99,8 +99,10 @@ class _LanguageModelReward:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            model = AutoModelForCausalLM.from_pretrained(self.model_path,
-                                                         dtype=resolve_dtype("auto", self._device))
+            # the reward defines the target: fp32 on any CPU (a policy in bf16 on a CPU that has it
+            # still meets an fp32 reward), bf16 on CUDA
+            dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
             model.to(self._device).eval().requires_grad_(False)
             self._lm = (model, tokenizer, False)
         return self._lm
