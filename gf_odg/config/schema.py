@@ -176,7 +176,7 @@ class ExplorationConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 60
+    max_steps: int = 100
     prompts_per_step: int = 1
     samples_per_prompt: int = 32
     lr: float = 1e-3
