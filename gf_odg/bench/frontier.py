@@ -54,9 +54,10 @@ def add_arguments(group) -> None:
                        help="score of a high-reward completion (default: the task's, "
                             + ", ".join(f"{t} {TASKS[t][1]}" for t in TEXT_TASKS) + ")")
     group.add_argument("--frontier-grpo-beta", type=float, default=Settings.grpo_kl_beta,
-                       help="grpo_kl's KL coefficient (> 0; default DeepSeekMath's GRPO value)")
+                       help=f"grpo_kl's KL coefficient (> 0; default {Settings.grpo_kl_beta}, "
+                            "DeepSeekMath's GRPO value)")
     group.add_argument("--frontier-grpo-entropy", type=float, default=Settings.grpo_entropy_coef,
-                       help="grpo_entropy's entropy bonus coefficient (> 0)")
+                       help=f"grpo_entropy's entropy bonus coefficient (> 0; default {Settings.grpo_entropy_coef})")
     group.add_argument("--frontier-overrides", default="", help="space-separated Hydra overrides for every method")
     group.add_argument("--frontier-jobs", type=int, default=1,
                        help="train up to N methods of a seed at once, each in its own process (--threads each)")

@@ -99,7 +99,7 @@ def markdown(result: dict) -> list[str]:
     runs = result["runs"]
     batch = sorted({f"{r['K']} x {r['prompts_per_step']}" for r in runs})
     how = {"base": f"base: temperatures {', '.join(f'{t:g}' for t in result['temperatures'])}",
-           "best_of_n": f"best_of_n: n = 1, {', '.join(map(str, result['best_of']))}",
+           "best_of_n": f"best_of_n: n = 1, {', '.join(map(str, result['best_of']))} (each sample the best of n draws)",
            "grpo_kl": f"grpo_kl: beta {result['grpo_kl_beta']:g}",
            "grpo_entropy": f"grpo_entropy: entropy_coef {result['grpo_entropy_coef']:g} (beta 0)"}
     lines = [f"Reward-diversity frontier on {result['task']}: the same prompts, reward and evaluation "
