@@ -136,6 +136,25 @@ def test_diversity_metrics_are_within_each_prompt(rng_task):
     assert result["self_bleu"] == pytest.approx((1.0 + 0.0) / 2, abs=1e-6)
 
 
+def test_embedding_metrics_embed_every_distinct_text_once(rng_task):
+    """semantic_diversity and above_threshold_by_meaning read one embedding call over the distinct
+    texts, with each prompt's texts (and a text met twice) given their own rows."""
+    vectors = {"1": [1.0, 0.0], "2": [0.0, 1.0], "3": [1.0, 0.0], "4": [0.6, 0.8]}
+    calls = []
+
+    def embed_fn(texts):
+        calls.append(list(texts))
+        return torch.tensor([vectors[t] for t in texts])
+
+    samples = _samples(rng_task, ["1", "2", "3", "4", "1"], prompt_indices=[0, 0, 0, 1, 1])
+    result = measure(rng_task, samples, ["semantic_diversity", "above_threshold_by_meaning"], threshold=-10.0,
+                     embed_fn=embed_fn)
+    assert calls == [["1", "2", "3", "4"]]
+    # prompt 0: cosines (1,2)=0, (1,3)=1, (2,3)=0 -> 1 - 2/6; prompt 1: cos("4", "1") = 0.6 -> 0.4
+    assert result["semantic_diversity"] == pytest.approx(((1 - 2 / 6) + 0.4) / 2)
+    assert result["n_above_threshold_by_meaning"] == 2 + 2  # "1" and "3" mean the same; "4" and "1" do not
+
+
 def test_table_reward_modes_cover_every_prompts_table(tiny_policy):
     """Per-prompt tables with different completions: each prompt's mode target is its own table."""
     from gf_odg.rewards.table import TableReward

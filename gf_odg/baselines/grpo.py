@@ -97,9 +97,11 @@ class StepTimer:
 
 def grpo_args(output_dir: Path, *, k: int, prompts_per_step: int, max_new_tokens: int, max_steps: int, lr: float,
               warmup_steps: int = 0, lr_schedule: str = "constant", min_lr_ratio: float = 0.0, grad_clip: float = 1.0,
-              seed: int = 0, device: torch.device = torch.device("cpu"), **extra):
+              seed: int = 0, device: torch.device = torch.device("cpu"), beta: float = 0.0, **extra):
     """A GRPOConfig doing our trainer's work: K generations of `prompts_per_step` prompts per optimiser
-    step, no reference model (beta = 0), fp32, nothing reported (no W&B), nothing saved."""
+    step, no reference model (beta = 0; beta > 0: a KL term to the starting policy, which TRL keeps as
+    a frozen copy of the LoRA: the base model for a fresh one), fp32, nothing reported (no W&B),
+    nothing saved; `extra`: further GRPOConfig fields."""
     from trl import GRPOConfig
 
     scheduler: dict[str, Any] = {
@@ -126,7 +128,7 @@ def grpo_args(output_dir: Path, *, k: int, prompts_per_step: int, max_new_tokens
         num_iterations=1,
         max_completion_length=max_new_tokens,
         temperature=1.0,
-        beta=0.0,
+        beta=beta,
         learning_rate=lr,
         weight_decay=0.0,
         warmup_steps=warmup_steps,
@@ -137,6 +139,16 @@ def grpo_args(output_dir: Path, *, k: int, prompts_per_step: int, max_new_tokens
         **scheduler,
         **extra,
     )
+
+
+def grpo_config_has(name: str) -> bool:
+    """Whether the installed TRL's GRPOConfig has the field `name` (e.g. `entropy_coef`, which older
+    TRL versions lack)."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    return name in {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
 def build_grpo_trainer(model, tokenizer, task, args, floor: float, lora_fp32: bool = True):
@@ -163,6 +175,7 @@ def build_grpo_trainer(model, tokenizer, task, args, floor: float, lora_fp32: bo
     adapter_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in trainer.model.parameters() if p.requires_grad})
     info = {"trl_prompt_tokens_match_ours": same_tokens, "trl_constraint_mask": False,
             "trl_lora_dtype": ",".join(adapter_dtypes), "trl_lora_params_cast_to_fp32": cast,
-            "trl_reward_floor": float(floor), "trl_beta": float(args.beta), "trl_loss_type": args.loss_type,
+            "trl_reward_floor": float(floor), "trl_beta": float(args.beta),
+            "trl_entropy_coef": float(getattr(args, "entropy_coef", 0.0)), "trl_loss_type": args.loss_type,
             "trl_scale_rewards": str(args.scale_rewards)}
     return trainer, reward, timer, info

@@ -46,6 +46,7 @@ SECTIONS: dict[str, str] = {
     "sharding": "gf_odg.bench.sharding",    # DDP vs FSDP launches
     "trl_step": "gf_odg.bench.trl_step",    # our step vs TRL GRPOTrainer's on the same batch
     "quality": "gf_odg.bench.quality",      # trained tb/vargrad/rloo vs base and TRL GRPO
+    "frontier": "gf_odg.bench.frontier",    # score vs distinct-by-meaning paths over seeds, matched at GRPO's scores
     "gpu": "gf_odg.bench.gpu",              # GPU figures (its own module; may be absent in a checkout)
 }
 DEFAULT_SECTIONS = ("prefill", "memory", "overhead")

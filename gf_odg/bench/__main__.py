@@ -7,6 +7,7 @@
     uv run python -m gf_odg.bench quality --quality-tasks rng --quality-steps rng=100
     uv run python -m gf_odg.bench quality --quality-tasks keywords --quality-budget time --quality-curve 2
     uv run python -m gf_odg.bench --quality-from outputs/benchmark/A/benchmark.json outputs/benchmark/B/benchmark.json
+    uv run python -m gf_odg.bench frontier --frontier-task keywords --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import shlex
 import shutil
 import sys
 from datetime import datetime
@@ -22,9 +24,11 @@ from pathlib import Path
 import torch
 
 from gf_odg.bench import DEFAULT_SECTIONS, SECTIONS, available_sections, load_section
-from gf_odg.bench.common import Context, guarded, machine
+from gf_odg.bench.common import Context, commit, guarded, machine
 from gf_odg.errors import ConfigError
 from gf_odg.startup import ROOT
+
+SAMPLED = ("quality", "frontier")  # sections whose evaluations keep their completions (quality_samples/)
 
 
 def _section_help() -> str:
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after a warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (each child process too)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes, one repeat (K=4; memory 4096x2x8; quality: 2 steps, 16 samples, K=4)")
+                        help="tiny sizes, one repeat (K=4; memory 4096x2x8; quality: 2 steps, 16 samples, K=4; "
+                             "frontier: the same, 8 new tokens, a point every step)")
     parser.add_argument("--out", default=None, help="report folder (default outputs/benchmark/<date>_<time>)")
     parser.add_argument("--overrides", default="", help="space-separated Hydra overrides for every model loaded")
     parser.add_argument("--scale-steps", type=int, default=5, help="timed steps per variant (scale, sharding)")
@@ -90,7 +95,7 @@ def make_context(args, out: Path) -> Context:
                    options=args)
 
 
-def run(args) -> None:
+def run(args, argv: list[str]) -> None:
     out = Path(args.out or ROOT / "outputs" / "benchmark" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     if args.quality_from:
         from gf_odg.bench.quality_merge import merge
@@ -104,11 +109,12 @@ def run(args) -> None:
         if hasattr(module, "check"):
             module.check(args)
     ctx = make_context(args, out)  # before any model loads: --ks checked
-    if "quality" in names:  # a run that fails leaves its samples under this name, not as finished results
+    if set(SAMPLED) & set(names):  # a run that fails leaves its samples under this name, not as finished results
         samples = out / "quality_samples.partial"
         shutil.rmtree(samples, ignore_errors=True)
         ctx = dataclasses.replace(ctx, samples_dir=samples)
     report = {"machine": machine(), "model": args.model, "date": datetime.now().isoformat(timespec="seconds"),
+              "commit": commit(), "command": shlex.join(["uv", "run", "python", "-m", "gf_odg.bench", *argv]),
               "sections": names}
     print(f"benchmark on {report['machine']}", flush=True)
     for name, module in modules.items():
@@ -116,10 +122,10 @@ def run(args) -> None:
     if "quality" in names:
         report["quality_overrides"] = list(modules["quality"].settings(args, args.quick).extra)
         report["quality_budget"] = args.quality_budget
-        if ctx.samples_dir.is_dir():
-            report["quality_samples"] = "quality_samples/"
-            shutil.rmtree(out / "quality_samples", ignore_errors=True)
-            ctx.samples_dir.rename(out / "quality_samples")
+    if ctx.samples_dir is not None and ctx.samples_dir.is_dir():
+        report["quality_samples"] = "quality_samples/"
+        shutil.rmtree(out / "quality_samples", ignore_errors=True)
+        ctx.samples_dir.rename(out / "quality_samples")
     from gf_odg.bench.report import write
 
     print(write(report, out, modules))
@@ -127,8 +133,9 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    return guarded(lambda: run(args), args.threads)
+    return guarded(lambda: run(args, argv), args.threads)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def compose(overrides: list[str]):
         try:
             return hydra_compose(config_name="main", overrides=overrides)
         except HydraException as err:
-            raise ConfigError(f"config: {err} (overrides: {' '.join(overrides)})") from None
+            message = " ".join(str(err).split())  # Hydra's message spans lines; a user's error is one
+            raise ConfigError(f"config: {message} (overrides: {' '.join(overrides)})") from None
 
 
 def load(ctx: Context, extra: list[str] = ()):
@@ -123,6 +124,22 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def commit() -> str:
+    """The checkout's commit (12 hex digits), "+ uncommitted changes" where tracked files differ from
+    it; "unknown" outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD").strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def child_env(threads: int = 1) -> dict[str, str]:

@@ -17,12 +17,12 @@ from gf_odg.bench.quality_report import plot, quality_table  # noqa: F401 (plot:
 from gf_odg.bench.quality_train import METHODS, TASKS, Settings, method_overrides, quality_rows  # noqa: F401
 from gf_odg.errors import ConfigError
 
-DEFAULT_STEPS, DEFAULT_EVAL = "rng=100,keywords=20", "rng=512,keywords=128"
+DEFAULT_TASKS, DEFAULT_STEPS, DEFAULT_EVAL = "rng,keywords", "rng=100,keywords=20", "rng=512,keywords=128"
 markdown = quality_table
 
 
 def add_arguments(group) -> None:
-    group.add_argument("--quality-tasks", default=",".join(TASKS), help=f"tasks ({', '.join(TASKS)})")
+    group.add_argument("--quality-tasks", default=DEFAULT_TASKS, help=f"tasks ({', '.join(TASKS)})")
     group.add_argument("--quality-steps", default=DEFAULT_STEPS,
                        help="training steps per task; TASK.METHOD=N gives one method its own (keywords.grpo=14)")
     group.add_argument("--quality-eval", default=DEFAULT_EVAL, help="evaluation samples per task")

@@ -1,5 +1,9 @@
 """How the quality section evaluates a policy: gf_odg.evaluation.core on the same samples count and
-seed for every method, mid-training curve points, and each evaluation's completions on disk."""
+seed for every method, mid-training curve points, and each evaluation's completions on disk.
+
+Besides the evaluation's metrics, every evaluation reports `fluency`: the mean over its samples of
+the per-token log p_ref (gf_odg.evaluation.fluency.per_token_log_ref, the base model with adapters
+off), so that a gain in score or diversity bought with broken text shows."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 METRICS = ("score", "validity", "unique_fraction", "distinct_n", "semantic_diversity", "above_threshold",
            "above_threshold_by_meaning", "modes", "exact")
 CURVE_KEYS = ("score_mean", "valid_fraction", "n_above_threshold", "n_above_threshold_by_meaning", "unique_fraction",
-              "semantic_diversity", "exact_kl", "kl_to_target")
+              "semantic_diversity", "fluency", "exact_kl", "kl_to_target")
 
 
 def save_samples(task, samples, samples_dir: Path | None, label: str) -> None:
@@ -31,14 +35,22 @@ def save_samples(task, samples, samples_dir: Path | None, label: str) -> None:
 
 
 def evaluate_policy(model, tok, task, n: int, threshold: float, seed: int, batch_size: int,
-                    samples_dir: Path | None = None, label: str | None = None) -> dict:
-    """n samples of the policy over the task's prompts in turn, scored by gf_odg.evaluation.core."""
+                    samples_dir: Path | None = None, label: str | None = None, decoding=None) -> dict:
+    """n samples of the policy (or of `decoding`, a gf_odg.evaluation.sampling.Decoding of it: a
+    temperature, best of n) over the task's prompts in turn, scored by gf_odg.evaluation.core, and
+    their fluency (mean per-token log p_ref)."""
     from gf_odg.evaluation.core import POLICY, evaluate_decodings
+    from gf_odg.evaluation.fluency import per_token_log_ref
+    from gf_odg.model.loading import reference_mode
 
+    decoding = decoding or POLICY
     model.eval()
     order = [i % len(task.records) for i in range(n)]
-    result, samples = evaluate_decodings(model, tok, task, order, [POLICY], METRICS, batch_size, beta=1.0,
-                                         seed=seed, threshold=threshold)[POLICY.name]
+    result, samples = evaluate_decodings(model, tok, task, order, [decoding], METRICS, batch_size, beta=1.0,
+                                         seed=seed, threshold=threshold)[decoding.name]
+    with reference_mode(model):
+        result["fluency"] = float(per_token_log_ref(model, tok, task, samples.prompt_indices, samples.tokens,
+                                                    batch_size).mean())
     result["top_completions"] = Counter(samples.texts).most_common(5)  # what a collapsed policy writes
     if label:
         save_samples(task, samples, samples_dir, label)

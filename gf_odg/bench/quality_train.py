@@ -1,5 +1,6 @@
 """The quality section's training: one (task, method) row trained and evaluated (our Trainer for
-tb/vargrad/rloo, TRL's GRPOTrainer for grpo, nothing for base), and every row in turn.
+an objective of configs/objective, TRL's GRPOTrainer for grpo and its variants, nothing for base),
+every row in turn, and the base model under other decodings (temperatures, best of n).
 
 RLOO and GRPO train on-policy (`exploration=on_policy`, whatever the task's experiment says): RLOO's
 loss is unbiased only for samples from the policy itself (no tempering, no epsilon, no replay)."""
@@ -10,10 +11,10 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from gf_odg.bench.common import Context, compose, our_trainer
+from gf_odg.bench.common import CONFIG_DIR, Context, compose, our_trainer
 from gf_odg.bench.quality_eval import CURVE_KEYS, curve_point, evaluate_policy, grpo_curve_callback, unmasked_task
 
 TASKS = {
@@ -23,9 +24,14 @@ TASKS = {
     # keywords: 4 x fraction of the concepts + length band + 0.5 x fluency; 2.0 needs, e.g., all four
     # concepts at a fluency above -4 nats per token, or three at one above -2.
     "keywords": (["experiment=keywords"], 2.0),
+    # sentiment: 3 x VADER compound; 1.5 is a compound of 0.5, clearly positive (VADER calls >= 0.05 positive).
+    "sentiment": (["experiment=sentiment"], 1.5),
 }
 METHODS = ("base", "tb", "vargrad", "rloo", "grpo")
-OURS = ("tb", "vargrad", "rloo")
+OURS = tuple(sorted(path.stem for path in (CONFIG_DIR / "objective").glob("*.yaml")))  # our Trainer, by objective
+# TRL GRPO runs: beta = 0 (no KL), beta > 0 (KL to the base model), an entropy bonus (beta = 0); the
+# coefficients come from Settings. grpo_entropy needs a TRL whose GRPOConfig has `entropy_coef`.
+TRL_METHODS = ("grpo", "grpo_kl", "grpo_entropy")
 ON_POLICY = ("rloo",)  # objectives whose loss assumes samples from the policy itself
 
 
@@ -43,6 +49,13 @@ class Settings:
     curve_methods: tuple[str, ...] = ("tb", "vargrad", "rloo", "grpo")
     curve_at: tuple[int, ...] = ()
     jobs: int = 1
+    grpo_kl_beta: float = 0.04          # grpo_kl's KL coefficient (DeepSeekMath's GRPO value)
+    grpo_entropy_coef: float = 0.01     # grpo_entropy's entropy bonus
+    thresholds: dict[str, float] = field(default_factory=dict)  # task -> its own threshold (default: TASKS')
+
+    def threshold(self, task: str) -> float:
+        """The score of a high-reward completion on `task`."""
+        return self.thresholds.get(task, TASKS[task][1])
 
     def at_step(self, step: int) -> bool:
         return bool(self.curve_every and step % self.curve_every == 0) or step in self.curve_at
@@ -63,16 +76,23 @@ def quality_rows(ctx: Context, s: Settings) -> list[dict]:
 def method_overrides(task_name: str, method: str, s: Settings) -> list[str]:
     """The Hydra overrides of one (task, method): the task's experiment, the objective, the user's
     extras; RLOO (and GRPO, which shares its config) on-policy and without p_ref in its reward."""
-    objective = {"grpo": "rloo", "base": "tb"}.get(method, method)
+    objective = "rloo" if method in TRL_METHODS else "tb" if method == "base" else method
     overrides = [*TASKS[task_name][0], f"objective={objective}", *s.extra]
     if objective in ON_POLICY:
         overrides += ["objective.ref_weight=0", "exploration=on_policy"]
     return overrides
 
 
+def trl_extra(method: str, s: Settings) -> dict:
+    """The GRPOConfig fields a TRL method sets beyond gf_odg.baselines.grpo.grpo_args's."""
+    return {"grpo": {}, "grpo_kl": {"beta": s.grpo_kl_beta},
+            "grpo_entropy": {"entropy_coef": s.grpo_entropy_coef}}[method]
+
+
 def quality_row(ctx: Context, s: Settings, task_name: str, method: str, budget_s: float | None) -> dict:
-    """Train one method (tb/vargrad/rloo: our Trainer; grpo: TRL; base: nothing) and evaluate it."""
-    threshold, n = TASKS[task_name][1], s.n_eval[task_name]
+    """Train one method (an objective: our Trainer; grpo and its variants: TRL; base: nothing) and
+    evaluate it."""
+    threshold, n = s.threshold(task_name), s.n_eval[task_name]
     base_overrides = method_overrides(task_name, method, s)
     n_steps = s.steps.get(f"{task_name}.{method}", s.steps[task_name])
     row: dict = {"task": task_name, "method": method, "eval_samples": n, "threshold": threshold, "budget": s.budget}
@@ -136,6 +156,10 @@ class _Evaluation:
         return evaluate_policy(model, tok, task, self.n, self.threshold, self.seed, self.batch_size,
                                self.samples_dir, f"{self.label}-step{step:04d}")
 
+    def decoded(self, model, tok, task, decoding) -> dict:
+        return evaluate_policy(model, tok, task, self.n, self.threshold, self.seed, self.batch_size,
+                               self.samples_dir, f"{self.label}-{decoding.name}", decoding)
+
     def unlabelled(self, model, tok, task) -> dict:
         return evaluate_policy(model, tok, task, self.n, self.threshold, self.seed, self.batch_size)
 
@@ -165,8 +189,8 @@ def _train_ours(ctx, s: Settings, overrides, tmp: Path, every: bool, evaluate: _
 
 def _train_baseline(ctx, s: Settings, overrides, tmp: Path, method: str, every: bool, evaluate: _Evaluation,
                     row: dict):
-    """base: the untrained policy; grpo: TRL's GRPOTrainer on the same model load, LoRA and reward
-    (sampling without our mask)."""
+    """base: the untrained policy; grpo and its variants: TRL's GRPOTrainer on the same model load,
+    LoRA and reward (sampling without our mask)."""
     from gf_odg.baselines.grpo import build_grpo_trainer, grpo_args
     from gf_odg.training.trainer import build_policy_and_task, seed_everything
 
@@ -175,12 +199,12 @@ def _train_baseline(ctx, s: Settings, overrides, tmp: Path, method: str, every: 
     seed_everything(cfg.seed)
     _, model, tok, _, task = build_policy_and_task(cfg, ctx.device)
     times, curve = [], []
-    if method == "grpo":
+    if method in TRL_METHODS:
         t = cfg.trainer
         args = grpo_args(tmp / "trl", k=t.samples_per_prompt, prompts_per_step=t.prompts_per_step,
                          max_new_tokens=task.constraints.max_new_tokens, max_steps=t.max_steps, lr=t.lr,
                          warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, min_lr_ratio=t.min_lr_ratio,
-                         grad_clip=t.grad_clip, seed=cfg.seed, device=ctx.device)
+                         grad_clip=t.grad_clip, seed=cfg.seed, device=ctx.device, **trl_extra(method, s))
         trainer, trl_reward, timer, info = build_grpo_trainer(model, tok, task, args, cfg.objective.log_reward_min)
         if every:  # after the timer: evaluation time is not step time
             trainer.add_callback(evaluate.grpo_callback(tok, task, s.at_step, curve))
@@ -193,6 +217,21 @@ def _train_baseline(ctx, s: Settings, overrides, tmp: Path, method: str, every: 
         model = trainer.model
         del trainer
     return cfg, model, tok, task, times, curve, 0.0
+
+
+def base_decodings(ctx: Context, s: Settings, task_name: str, decodings) -> list[dict]:
+    """The base model (fresh LoRA, as every trained method starts) under each decoding of `decodings`
+    (gf_odg.evaluation.sampling.Decoding), from one load, evaluated as the rows are: the same samples
+    count, seed and threshold; the samples as <task>-base-<decoding>.jsonl."""
+    from gf_odg.training.trainer import build_policy_and_task, seed_everything
+
+    cfg = compose([f"model={ctx.model}", *ctx.overrides, f"trainer.device={ctx.device}",
+                   *method_overrides(task_name, "base", s)])
+    evaluate = _Evaluation(ctx, s.n_eval[task_name], s.threshold(task_name), f"{task_name}-base")
+    evaluate.seed, evaluate.batch_size = cfg.seed + 1000, cfg.task.evaluation.batch_size
+    seed_everything(cfg.seed)
+    _, model, tok, _, task = build_policy_and_task(cfg, ctx.device)
+    return [evaluate.decoded(model, tok, task, decoding) for decoding in decodings]
 
 
 def probe_step_s(ctx: Context, overrides: list[str], steps: int = 3) -> float:

@@ -36,8 +36,11 @@ def generic_markdown(result) -> list[str]:
 
 
 def markdown(report: dict, modules: dict[str, object]) -> str:
-    """benchmark.md: the machine line, then each section that ran, in `modules`' order."""
+    """benchmark.md: the machine line (and the commit and command, where the report has them), then
+    each section that ran, in `modules`' order."""
     lines = [f"Machine: {report['machine']}; model: {report['model']}; {report['date']}", ""]
+    if report.get("command"):
+        lines += [f"Commit `{report.get('commit', 'unknown')}`; command: `{report['command']}`", ""]
     for name, module in modules.items():
         if report.get(name) is not None:
             render = getattr(module, "markdown", generic_markdown)

@@ -108,6 +108,15 @@ def _mode_metrics(task, samples: Samples, targets: dict[int, dict[str, float]]) 
     return result
 
 
+def embedded_once(embed_fn: Callable, texts: list[str]) -> Callable:
+    """embed_fn over every distinct text in one call, then rows looked up: the diversity metrics embed
+    each prompt's texts, each metric again, and every small call costs the embedder's overhead."""
+    unique = list(dict.fromkeys(texts))
+    vectors = embed_fn(unique) if unique else None
+    row = {text: i for i, text in enumerate(unique)}
+    return lambda batch: vectors[[row[text] for text in batch]]
+
+
 def measure(task, samples: Samples, metric_names: Iterable[str], targets: Optional[dict] = None,
             threshold: Optional[float] = None, embed_fn: Optional[Callable] = None,
             self_bleu_max_texts: int = SELF_BLEU_MAX_TEXTS, same_meaning: float = 0.9) -> dict:
@@ -143,8 +152,10 @@ def measure(task, samples: Samples, metric_names: Iterable[str], targets: Option
             result[f"distinct_{n}"] = mean(metrics.distinct_n(group, n) for group in per_prompt)
     if "self_bleu" in names:
         result["self_bleu"] = mean(metrics.self_bleu(group, max_texts=self_bleu_max_texts) for group in per_prompt)
-    if embed_fn is None and names & {"semantic_diversity", "above_threshold_by_meaning"}:
-        from gf_odg.rewards.embedding import embed as embed_fn
+    if names & {"semantic_diversity", "above_threshold_by_meaning"}:
+        if embed_fn is None:
+            from gf_odg.rewards.embedding import embed as embed_fn
+        embed_fn = embedded_once(embed_fn, texts)
     if "semantic_diversity" in names:
         result["semantic_diversity"] = mean(metrics.semantic_diversity(group, embed_fn) for group in per_prompt)
     if "above_threshold" in names and threshold is not None:
