@@ -66,6 +66,7 @@ def test_project_root_env_moves_the_paths(monkeypatch, tmp_path):
     ("exploration.p_temper=1.5", "exploration.p_temper"),
     ("exploration.epsilon=-0.1", "exploration.epsilon"),
     ("exploration.temper_lo=0", "exploration.temper_lo"),
+    ("exploration.replay.rescore=1.5", "exploration.replay.rescore"),
     ("task.max_new_tokens=0", "task.max_new_tokens"),
 ])
 def test_bad_values_name_their_key(override, key):

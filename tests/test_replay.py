@@ -356,6 +356,21 @@ def test_ratio_priority_rescores_the_whole_pool_under_the_current_policy(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rescore, expected", [(0.25, 2), (0.0, 0)])
+def test_replay_rescore_sets_how_many_stale_entries_a_draw_rescores(tmp_path, rescore, expected):
+    trainer, _ = _seeded_trainer(tmp_path, "enumerate", ["exploration.replay.priority=ratio",
+                                                          "trainer.samples_per_prompt=8",
+                                                          f"exploration.replay.rescore={rescore}"])
+    trainer.step()
+    trained = trainer.replay._clock
+    batch = trainer.collect()
+    prompt = trainer.task.prompts[batch.prompt_indices[0]]
+    fresh = [trainer.replay._scored_at.get((prompt, e.tokens), 0) > trained for e in trainer.replay.entries(prompt)]
+    assert sum(fresh) == expected
+    assert ("time/replay_rescore" in batch.timings) == (expected > 0)
+
+
+@pytest.mark.slow
 def test_seed_none_starts_empty_and_a_space_too_large_to_enumerate(tmp_path):
     trainer, _ = _seeded_trainer(tmp_path / "none", "none")
     assert len(trainer.replay) == 0

@@ -104,6 +104,7 @@ def validate(cfg) -> None:
     if r.enabled:
         need(r.capacity >= 1, "exploration.replay.capacity", r.capacity, ">= 1 when replay is enabled")
         need(r.priority_temperature > 0, "exploration.replay.priority_temperature", r.priority_temperature, "> 0")
+        need(0 <= r.rescore <= 1, "exploration.replay.rescore", r.rescore, "in [0, 1]")
         need(r.priority in PRIORITIES, "exploration.replay.priority", r.priority, ", ".join(PRIORITIES))
         need(r.scope in ("prompt", "global"), "exploration.replay.scope", r.scope, "prompt or global")
         need(r.dedup in ("exact", "edit", "embedding"), "exploration.replay.dedup", r.dedup, "exact, edit or embedding")

@@ -124,9 +124,10 @@ def collect(parts: StepParts, cfg, indices: list[int], step: int, behaviour_gen:
             # Always this prompt's entries, whatever the scope: a trajectory is trained under the prompt
             # it was scored with (a global pool shares memory and priorities, not (x, y, R) triples).
             key = task.prompts[i]
-            if parts.replay.priority == "ratio" and parts.replay.size(key) > 0:
+            n_rescore = int(round(cfg.exploration.replay.rescore * k))
+            if parts.replay.priority == "ratio" and parts.replay.size(key) > 0 and n_rescore:
                 t = time.perf_counter()
-                rescore_replay(parts, tcfg, prompts, row, key, max(1, k // 2))
+                rescore_replay(parts, tcfg, prompts, row, key, n_rescore)
                 t_rescore += time.perf_counter() - t
             if parts.replay.size(key) > 0:
                 replayed += [(row, e) for e in parts.replay.sample(key, n_replay, behaviour_gen,
