@@ -334,7 +334,8 @@ def test_ratio_priority_rescores_the_whole_pool_under_the_current_policy(tmp_pat
     from gf_odg.evaluation.exact import completion_log_probs
 
     trainer, tables = _seeded_trainer(tmp_path, "enumerate", ["exploration.replay.priority=ratio",
-                                                               "trainer.samples_per_prompt=8"])
+                                                               "trainer.samples_per_prompt=8",
+                                                               "exploration.replay.rescore=0.5"])
     trainer.step()  # trains: the recorded values are now stale for every entry
     trained = trainer.replay._clock
     prompt_index = trainer.collect().prompt_indices[0]  # rescores the K stalest entries of that prompt

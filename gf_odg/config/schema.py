@@ -142,7 +142,7 @@ class ReplayConfig:
     scope: str = "prompt"  # prompt | global
     priority: str = "softmax"  # uniform | rank | softmax | ratio (gf_odg/exploration/replay.py)
     priority_temperature: float = 1.0
-    rescore: float = 0.5  # priority=ratio: entries rescored per draw, as a fraction of K (the stalest first)
+    rescore: float = 0.25  # priority=ratio: entries rescored per draw, as a fraction of K (the stalest first)
     dedup: str = "exact"  # exact | edit | embedding
     dedup_threshold: float = 0.1
     min_log_reward: Optional[float] = None  # only trajectories at or above this enter the buffer

@@ -30,7 +30,7 @@ Sampling is with replacement, with probabilities over the N candidate entries:
   ratio:    p_i ∝ (R_i / P_F(y_i))^(1 / priority_temperature), with P_F the policy's probability of
             the entry as last recorded (`record_log_pf`: every trained row, and before each draw the
             trainer rescores the `rescore` x K entries recorded longest ago under the current
-            policy, gf_odg.training.step.rescore_replay; at 0.5, none is more than 2 pool / K steps
+            policy, gf_odg.training.step.rescore_replay; at 0.25, none is more than 4 pool / K steps
             stale): the
             completions the policy under-samples most, relative to their reward, come first. An
             entry never scored comes before every scored one. This is the target-to-policy ratio

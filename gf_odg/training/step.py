@@ -164,10 +164,10 @@ def rescore_replay(parts: StepParts, tcfg, prompts: PromptBatch, row: int, key: 
     """log P_F under the current policy of the n entries of this prompt's pool recorded longest ago,
     recorded for `priority=ratio`: a completion the policy stopped sampling has no fresh score
     otherwise, and its stale one hides that it is starved (on `rng`, "100" kept a recorded log P_F of
-    -4.95 while the policy's fell to -13). One no-grad pass over n rows (the trainer passes K / 2: the
-    101 rng integers are all rescored every 7 steps, the popular ones more often as trained rows, for
-    0.25 s of a 1.7 s step on 2 CPU cores; the whole pool every step cost as much as the step's forward
-    and backward)."""
+    -4.95 while the policy's fell to -13). One no-grad pass over n rows (`exploration.replay.rescore` x K: at
+    0.25 and K = 32 the 101 rng integers are all rescored every 13 steps, the popular ones more often
+    as trained rows; K / 2 cost 0.25 s of a 1.5 s step on 2 CPU cores and trained no better, and the
+    whole pool every step cost as much as the step's forward and backward, docs/results/first_run.md)."""
     entries = parts.replay.stalest(key, n)
     eos_id = parts.task.constraints.eos_id
     tokens, lengths = pad_tokens([e.tokens for e in entries], eos_id, parts.device)
