@@ -67,6 +67,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, args
     assert not out.exists()
 
 
+@pytest.mark.slow  # trains GRPO on the tiny model (5 s)
 def test_grpo_entropy_is_skipped_where_trl_has_no_entropy_coef(monkeypatch):
     import gf_odg.baselines.grpo as grpo
 
@@ -93,6 +94,7 @@ def test_the_trl_variants_set_beta_and_the_entropy_bonus_and_train_on_policy(tmp
         assert cfg.objective.name == "rloo" and cfg.exploration.epsilon == 0.0 and cfg.task.name == "keywords"
 
 
+@pytest.mark.slow  # the whole --quick run end to end (13 s)
 def test_quick_run_has_every_method_for_every_seed_and_the_matched_table(tmp_path):
     out = tmp_path / "bench"
     methods = ["vargrad", "grpo", "base", "best_of_n"]
