@@ -2,7 +2,7 @@
 with decoding baselines of the same model drawn in the same run.
 
     uv run python scripts/evaluate.py eval.adapter=models/adapted_models/<run>
-    uv run python scripts/evaluate.py eval.adapter=models/checkpoints/<run>/step_000060 eval.samples_per_prompt=1000
+    uv run python scripts/evaluate.py eval.adapter=models/checkpoints/<run>/step_000100 eval.samples_per_prompt=1000
     uv run python scripts/evaluate.py eval.adapter=<run> eval.baselines=[temperature_0.7,nucleus_0.95,best_of_n]
     uv run python scripts/evaluate.py eval.adapter=null eval.baselines=[temperature_1,temperature_0.7]  # the base model
     uv run python scripts/evaluate.py model=gemma-2b task=... eval.adapter=<run> eval.threshold=0.5 logger=none
