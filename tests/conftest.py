@@ -81,9 +81,3 @@ def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout:
 def to_container(cfg):
     return OmegaConf.to_container(cfg, resolve=True)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Slow tests first (a stable sort, so each group keeps its order): pytest-xdist hands tests out
-    in collection order, and a minute-long launch test handed out last keeps one worker busy while the
-    other idles; handed out first, the short tests fill in around it."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

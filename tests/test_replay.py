@@ -357,18 +357,19 @@ def test_ratio_priority_rescores_the_whole_pool_under_the_current_policy(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rescore, expected", [(0.25, 2), (0.0, 0)])
-def test_replay_rescore_sets_how_many_stale_entries_a_draw_rescores(tmp_path, rescore, expected):
+def test_replay_rescore_sets_how_many_stale_entries_a_draw_rescores(tmp_path):
     trainer, _ = _seeded_trainer(tmp_path, "enumerate", ["exploration.replay.priority=ratio",
-                                                          "trainer.samples_per_prompt=8",
-                                                          f"exploration.replay.rescore={rescore}"])
+                                                          "trainer.samples_per_prompt=8"])
     trainer.step()
-    trained = trainer.replay._clock
-    batch = trainer.collect()
-    prompt = trainer.task.prompts[batch.prompt_indices[0]]
-    fresh = [trainer.replay._scored_at.get((prompt, e.tokens), 0) > trained for e in trainer.replay.entries(prompt)]
-    assert sum(fresh) == expected
-    assert ("time/replay_rescore" in batch.timings) == (expected > 0)
+    for rescore, expected in ((0.25, 2), (0.0, 0)):  # read at every draw: set here between draws
+        trainer.cfg.exploration.replay.rescore = rescore
+        before = trainer.replay._clock
+        batch = trainer.collect()
+        prompt = trainer.task.prompts[batch.prompt_indices[0]]
+        fresh = [trainer.replay._scored_at.get((prompt, e.tokens), 0) > before
+                 for e in trainer.replay.entries(prompt)]
+        assert sum(fresh) == expected, rescore
+        assert ("time/replay_rescore" in batch.timings) == (expected > 0)
 
 
 @pytest.mark.slow
