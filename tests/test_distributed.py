@@ -57,8 +57,7 @@ def test_accelerate_launch_of_train_py_gives_one_run_one_checkpoint(tmp_path):
 def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     """Two processes keep identical LoRA and log Z. Stop a 2-process run at step 2, resume it to step 4: the same
     adapter, log Z and losses as 4 steps straight.
-    The same with configs/accelerate/fsdp.yaml (decoder layers sharded by FSDP2, gloo): the same adapter and log Z as
-    the data-parallel run, through a stop and a resume; a data-parallel checkpoint is not resumed under FSDP."""
+    A data-parallel checkpoint is not resumed under FSDP (FSDP's own stop and resume: the uneven-prompts test)."""
     common = [*TINY, "trainer.samples_per_prompt=6", "trainer.threads=1", "trainer.checkpoint_every=2", "logger=none",
               "exploration.replay.enabled=true", "exploration.replay.fraction=0.25", "seed=7",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
@@ -97,19 +96,7 @@ def test_two_processes_resume_to_the_uninterrupted_result(tmp_path):
     for step in (3, 4):
         assert resumed[step] == pytest.approx(straight_losses[step], abs=1e-6)
 
-    # FSDP: stopped at step 2 and resumed to 4, the data-parallel result (same seeds, same samples).
-    second = cut_and_resume(_fsdp_launch, "fsdp")
-    assert second.stdout.count("Evaluation of rng") == 1  # rank 0 evaluates, on the gathered layers
-    c = load_file(str(tmp_path / "adapted" / "fsdp" / "adapter_model.safetensors"))
-    assert c.keys() == a.keys()
-    for key in a:
-        assert torch.allclose(c[key], a[key], atol=1e-6), key
-    sc = torch.load(tmp_path / "checkpoints" / "fsdp" / "step_000004" / "state.pt", weights_only=True)
-    assert torch.allclose(sc["log_z"]["value"], sa["log_z"]["value"], atol=1e-6)
-    # FSDP checkpoints hold each process's shard of the optimizer state; data-parallel ones the whole state.
-    assert sc["optimizer"] is None and all(p["optimizer"] for p in sc["processes"])
-    assert losses("fsdp2") == pytest.approx({s: straight_losses[s] for s in (3, 4)}, rel=1e-6)  # fp32 sums
-
+    # FSDP stopped and resumed: test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weights.
     # A data-parallel checkpoint resumed under FSDP is refused, clearly, and writes nothing.
     before = sorted(p.name for p in (tmp_path / "checkpoints" / "straight").iterdir())
     mixed = _fsdp_launch([str(ROOT / "train.py"), *common, "trainer.max_steps=6", "run_name=straight", "resume=auto",
@@ -214,16 +201,19 @@ def test_every_process_starts_from_rank_0s_lora_and_log_z(tmp_path):
 def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weights(tmp_path):
     """Three prompts, one per process per step, 4 steps: under FSDP every process makes the same forward calls
     (hung after step 1 before the fix: the log Z prompt features ran only for prompts not cached on that
-    process), and ends with the data-parallel run's adapter and log Z."""
-    common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.max_steps=4", "trainer.prompts_per_step=1",
-              "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=4",
+    process). The FSDP run stops at step 2 and resumes to 4 (each process's shard of the optimizer state in the
+    checkpoint), and ends with the uninterrupted data-parallel run's adapter, log Z and losses."""
+    common = [str(ROOT / "train.py"), *TINY, THREE_PROMPTS, "trainer.prompts_per_step=1",
+              "trainer.samples_per_prompt=4", "trainer.threads=1", "trainer.checkpoint_every=2",
               f"paths.checkpoints={tmp_path}/checkpoints", f"paths.adapted_models={tmp_path}/adapted"]
     quick = {"GF_ODG_COLLECTIVE_TIMEOUT": "120"}  # a process out of step fails within two minutes
-    results = {}
-    for config, run in (("ddp.yaml", "ddp"), ("fsdp.yaml", "fsdp")):
-        results[run] = _launch([*common, f"run_name={run}", f"hydra.run.dir={tmp_path}/{run}"], tmp_path,
-                               timeout=300, config=config, env=quick)
-        assert results[run].returncode == 0, results[run].stderr[-3000:]
+    runs = (("ddp.yaml", "ddp", "ddp", 4, []), ("fsdp.yaml", "fsdp", "fsdp1", 2, []),
+            ("fsdp.yaml", "fsdp", "fsdp2", 4, ["resume=auto"]))
+    for config, run, folder, steps, extra in runs:
+        result = _launch([*common, f"trainer.max_steps={steps}", f"run_name={run}", *extra,
+                          f"hydra.run.dir={tmp_path}/{folder}"], tmp_path, timeout=300, config=config, env=quick)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Evaluation of rng") == 1  # rank 0 evaluates, on the gathered layers
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "adapted" / "ddp" / "adapter_model.safetensors"))
@@ -233,6 +223,16 @@ def test_fsdp_with_unevenly_cached_prompts_finishes_with_the_data_parallel_weigh
         assert torch.allclose(c[key], a[key], atol=1e-6), key
     za, zc = _log_z_at(tmp_path / "checkpoints", "ddp", 4), _log_z_at(tmp_path / "checkpoints", "fsdp", 4)
     assert torch.allclose(za["value"], zc["value"], atol=1e-6)
+    sc = torch.load(tmp_path / "checkpoints" / "fsdp" / "step_000004" / "state.pt", weights_only=True)
+    assert sc["optimizer"] is None and all(p["optimizer"] for p in sc["processes"])  # shards, not the whole state
+
+    def losses(folder):
+        rows = [json.loads(l) for l in (tmp_path / folder / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        return {r["step"]: r["loss"] for r in rows}
+
+    straight, resumed = losses("ddp"), losses("fsdp2")
+    assert sorted(resumed) == [3, 4]
+    assert resumed == pytest.approx({s: straight[s] for s in (3, 4)}, rel=1e-6)  # fp32 sums
 
 
 @pytest.mark.slow
