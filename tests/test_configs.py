@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
@@ -142,3 +143,12 @@ def test_the_floor_follows_the_task_unless_the_objective_sets_it(overrides, floo
     cfg = compose_cfg(overrides)
     assert cfg.objective.log_reward_min == floor
     validate(cfg)
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch, native, expected):
+    from gf_odg.model import loading
+
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: native)
+    assert loading.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert loading.resolve_dtype("float32", torch.device("cpu")) == torch.float32  # explicit wins

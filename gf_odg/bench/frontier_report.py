@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gf_odg.bench.quality_match import MEANING
 from gf_odg.bench.quality_train import OURS
-from gf_odg.bench.report import num, pyplot, table
+from gf_odg.bench.report import num, pyplot, save_figure, table
 
 REFERENCE = "grpo"  # TRL GRPO with beta = 0: the path whose mean scores the others are read at
 PATH_KEYS = ("score_mean", MEANING, "n_above_threshold", "semantic_diversity", "fluency", "valid_fraction",
@@ -160,9 +160,4 @@ def plot(result: dict, out: Path, title: str) -> list[Path]:
     ax.set_xlabel("score mean")
     ax.set_ylabel(f"distinct completions scoring >= {result['threshold']:g}, by meaning")
     ax.set_title(f"{result['task']}: {result['eval_samples']} samples per point", fontsize=9)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    target = out / "benchmark_frontier.png"
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
-    return [target]
+    return save_figure(fig, title, out / "benchmark_frontier.png")

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from gf_odg.bench.quality_match import MEANING
-from gf_odg.bench.report import num, pyplot
+from gf_odg.bench.report import num, pyplot, save_figure
 
 
 def _meaning_cells(row: dict, match: dict) -> str:
@@ -99,9 +99,4 @@ def plot(rows: list[dict], out: Path, title: str) -> list[Path]:
         ax.set_xlabel("score mean")
         ax.set_ylabel("distinct high-reward completions")
         ax.set_title(f"{task} ({rows[0]['eval_samples'] if len(tasks) == 1 else 'same'} samples each)", fontsize=9)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path = out / "benchmark_quality.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return save_figure(fig, title, out / "benchmark_quality.png")

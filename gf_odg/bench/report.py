@@ -74,3 +74,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, title: str, path: Path) -> list[Path]:
+    """The report's figure finished the one way: the run's title above, tight layout, 120 dpi, closed."""
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return [path]
